@@ -1,0 +1,36 @@
+# larex — set-up, tests and the demo. `make install` then `make test` on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export YOLO_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install test test-all demo bench clean
+
+install:
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's dataset-fashion-mnist (offline Fashion-MNIST)"; \
+		apt-get update -qq || echo "apt-get update failed; carrying on"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist \
+			|| echo "dataset-fashion-mnist not installed; Fashion-MNIST tests will be skipped"; \
+	else echo "not root: skipping apt-get install dataset-fashion-mnist"; fi
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e ".[test]"
+
+test:
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-all:
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not gpu"
+
+demo:
+	$(BIN)/larex-run experiment=fmnist_demo
+
+bench:
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,14 @@
+"""`larex-aggregate`: thin Hydra entry point over :func:`larex.stages.aggregate.run`."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="pkg://larex.configs", config_name="aggregate")
+def main(cfg: DictConfig) -> None:
+    from larex.stages import aggregate
+
+    aggregate.run(cfg)
+
+
+if __name__ == "__main__":
+    main()

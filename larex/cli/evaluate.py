@@ -1,0 +1,14 @@
+"""`larex-evaluate`: thin Hydra entry point over :func:`larex.stages.evaluate.run`."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="pkg://larex.configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from larex.stages import evaluate
+
+    evaluate.run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""`larex-extract`: thin Hydra entry point over :func:`larex.stages.extract.run`."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="pkg://larex.configs", config_name="extract")
+def main(cfg: DictConfig) -> None:
+    from larex.stages import extract
+
+    extract.run(cfg)
+
+
+if __name__ == "__main__":
+    main()

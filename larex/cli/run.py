@@ -1,0 +1,14 @@
+"""`larex-run`: thin Hydra entry point over :func:`larex.stages.run.run`."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="pkg://larex.configs", config_name="run")
+def main(cfg: DictConfig) -> None:
+    from larex.stages import run
+
+    run.run(cfg)
+
+
+if __name__ == "__main__":
+    main()

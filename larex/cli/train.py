@@ -1,0 +1,14 @@
+"""`larex-train`: thin Hydra entry point over :func:`larex.stages.train.run`."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="pkg://larex.configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from larex.stages import train
+
+    train.run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""MLflow tracking — the only module of larex that imports mlflow.
+
+Default store: a SQLite file under the output root (no server needed); ``tracking.uri=http://host:5000``
+points at a server. An unreachable server fails fast with one clear error, before any compute.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+# MLflow's param value limit; longer values are truncated (and marked) rather than failing the run.
+_MAX_PARAM_LEN = 6000
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def default_uri(output_root: str | Path) -> str:
+    return f"sqlite:///{Path(output_root).resolve() / 'mlflow.db'}"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested mapping into ``a.b.c`` keys (lists become their string form)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """A thin wrapper over one MLflow run: params, metrics, artifacts."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None):
+        import mlflow
+
+        self._mlflow = mlflow
+        self.uri = uri
+        if uri.startswith(("http://", "https://")):
+            _check_reachable(uri)
+        mlflow.set_tracking_uri(uri)
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+            exp_id = client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+        self.run_id: str | None = None
+
+    @contextmanager
+    def start_run(self, run_name: str | None = None, tags: Mapping[str, str] | None = None,
+                  nested: bool = False) -> Iterator["Tracker"]:
+        with self._mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name,
+                                    tags=dict(tags or {}), nested=nested) as run:
+            self.run_id = run.info.run_id
+            yield self
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        clean = {}
+        for k, v in flatten(params).items():
+            s = "null" if v is None else str(v)
+            clean[k] = s if len(s) <= _MAX_PARAM_LEN else s[: _MAX_PARAM_LEN - 12] + "...[truncated]"
+        items = list(clean.items())
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self._mlflow.log_params(dict(items[i:i + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._mlflow.log_text(text, artifact_file)
+
+
+def _check_reachable(uri: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5):  # noqa: S310 - user-configured tracking server
+            return
+    except urllib.error.HTTPError:
+        return  # the server answered (some deployments have no /health); good enough
+    except Exception as err:  # connection refused, DNS failure, timeout, blocked socket
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri} is unreachable ({err}). Start it (mlflow server ...), fix "
+            "tracking.uri, or drop tracking.uri to use the local SQLite store (tracking.enabled=false "
+            "turns tracking off)."
+        ) from err
+
+
+def read_run(uri: str, run_id: str) -> dict[str, Any]:
+    """Params, metrics and artifact paths of a run (used by tests and `larex` tooling)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+
+    def walk(path: str | None = None) -> list[str]:
+        out = []
+        for f in client.list_artifacts(run_id, path):
+            out.extend(walk(f.path) if f.is_dir else [f.path])
+        return out
+
+    return {"params": dict(run.data.params), "metrics": dict(run.data.metrics), "artifacts": walk(),
+            "status": run.info.status}

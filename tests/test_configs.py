@@ -1,0 +1,87 @@
+"""Every option of every config group composes (the in-process equivalent of `--cfg job`), typos fail
+early naming the key, and the packaged configs are the ones the console scripts use."""
+from __future__ import annotations
+
+import importlib.resources
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+CONFIGS = importlib.resources.files("larex.configs")
+GROUPS = ("task", "dataset", "model", "hooked_layer", "postprocessor", "ood", "experiment", "baselines")
+STAGES = ("train", "extract", "aggregate", "evaluate", "run")
+
+
+def options(group):
+    d = CONFIGS / group
+    if not d.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
+
+
+def override(group, opt):
+    if group == "ood":
+        return f"+ood=[{opt}]"
+    if group in ("postprocessor", "baselines"):
+        return f"{group}=[{opt}]"
+    return f"{group}={opt}"
+
+
+CASES = [(g, o) for g in GROUPS for o in options(g)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_ctx():
+    with initialize_config_module(config_module="larex.configs", version_base="1.3"):
+        yield
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_default_config_of_every_stage_composes_and_resolves(stage):
+    cfg = compose(stage)
+    OmegaConf.resolve(cfg)
+    assert cfg.stage == stage
+    assert cfg.dataset.name == "fashion_mnist" and cfg.model.name == "small_cnn"
+    assert set(cfg.postprocessor) == {"lared", "larem"}
+    assert "ood" not in cfg  # +ood=[...] adds sets; dataset.default_ood is used otherwise
+
+
+def test_every_group_has_options():
+    for g in ("task", "dataset", "model", "hooked_layer", "postprocessor", "ood", "experiment"):
+        assert options(g), f"configs/{g}/ is empty"
+
+
+@pytest.mark.parametrize("group,opt", CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_every_option_composes(group, opt):
+    cfg = compose("run", overrides=[override(group, opt)])
+    if group == "ood":
+        assert opt in cfg.ood
+    elif group in ("postprocessor", "baselines"):
+        assert list(cfg[group]) == [opt] and "_target_" in cfg[group][opt]
+    try:
+        OmegaConf.resolve(cfg)
+    except MissingMandatoryValue as err:  # e.g. image folders whose root the user must give
+        assert "root" in str(err)
+
+
+def test_multi_select_ood_and_image_folder_root():
+    cfg = compose("evaluate", overrides=["+ood=[image_folder,digits]", "ood.image_folder.root=/some/dir"])
+    assert list(cfg.ood) == ["image_folder", "digits"]
+    assert "/some/dir" in OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def test_typo_in_key_fails_naming_the_key():
+    with pytest.raises(ConfigCompositionException, match="batchsize"):
+        compose("extract", overrides=["extract.batchsize=3"])
+
+
+def test_default_ood_names_exist():
+    cfg = compose("run")
+    for name in cfg.dataset.default_ood:
+        assert name in options("ood")
+    for ds in options("dataset"):
+        for name in compose("run", overrides=[f"dataset={ds}"]).dataset.get("default_ood") or []:
+            assert name in options("ood"), f"dataset {ds}: default_ood {name} has no configs/ood/{name}.yaml"
