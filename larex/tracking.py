@@ -5,6 +5,7 @@ points at a server. An unreachable server fails fast with one clear error, befor
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -43,6 +44,8 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None):
         import mlflow
 
+        for name in ("mlflow", "alembic"):  # no database-migration chatter on the console
+            logging.getLogger(name).setLevel(logging.WARNING)
         self._mlflow = mlflow
         self.uri = uri
         if uri.startswith(("http://", "https://")):

@@ -19,7 +19,8 @@ def yamls():
     for group in ("postprocessor", "baselines"):
         d = CONFIGS / group
         if d.is_dir():
-            out += [(group, p.name[:-5]) for p in sorted(d.iterdir(), key=lambda p: p.name) if p.name.endswith(".yaml")]
+            out += [(group, p.name[:-5]) for p in sorted(d.iterdir(), key=lambda p: p.name)
+                    if p.name.endswith(".yaml") and p.name != "all.yaml"]  # all.yaml selects the others
     return out
 
 

@@ -58,7 +58,7 @@ def run(cfg: DictConfig, splits: list[str] | None = None) -> Path:
     device = common.resolve_device(cfg.aggregate.device)
     todo = [s for s in splits if cfg.force or not is_current(aggregate_path(cfg, s), common.aggregate_hash(cfg, s))]
     if not todo:
-        common.console.print(f"[aggregate] up to date: {out}")
+        common.log("aggregate", f"up to date: {out}")
         return out
     for s in todo:
         if not io.is_complete(src / s, common.extract_hash(cfg, s)):
@@ -72,5 +72,5 @@ def run(cfg: DictConfig, splits: list[str] | None = None) -> Path:
             io.save_arrays(aggregate_path(cfg, s), feats, metadata={"config_hash": common.aggregate_hash(cfg, s),
                                                                    "split": s})
             progress.advance(task)
-    common.console.print(f"[aggregate] entropy of {', '.join(todo)} -> {out}")
+    common.log("aggregate", f"entropy of {', '.join(todo)} -> {out}")
     return out

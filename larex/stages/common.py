@@ -20,6 +20,15 @@ from rich.console import Console
 from larex import io
 
 console = Console(stderr=False, highlight=False)
+
+
+def log(stage: str, message: str) -> None:
+    """One progress line of a stage, e.g. ``[extract] fit: 10000 images``."""
+    from rich.markup import escape
+
+    console.print(f"\\[{stage}] {escape(message)}")
+
+
 ID_SPLITS = ("fit", "val", "test")
 
 
@@ -28,8 +37,13 @@ class ConfigError(ValueError):
 
 
 def quiet_lightning() -> None:
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+    """Keep the console for larex's own lines: no Lightning/MLflow info chatter or known deprecations."""
+    import warnings
+
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
 def seed_everything(seed: int) -> None:
@@ -79,13 +93,17 @@ def run_dir(cfg: DictConfig) -> Path:
 # ---------------------------------------------------------------------------------------------------
 # splits and datasets
 # ---------------------------------------------------------------------------------------------------
+def packaged_options(group: str) -> list[str]:
+    """Names of the YAML options of a config group shipped with the package."""
+    d = importlib.resources.files("larex.configs") / group
+    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml")) if d.is_dir() else []
+
+
 def load_packaged_option(group: str, name: str) -> DictConfig:
-    """Load ``configs/<group>/<name>.yaml`` from the installed package (used for dataset.default_ood)."""
+    """Load ``configs/<group>/<name>.yaml`` from the installed package (dataset.default_ood, baselines=all)."""
     res = importlib.resources.files("larex.configs") / group / f"{name}.yaml"
     if not res.is_file():
-        options = sorted(p.name[:-5] for p in (importlib.resources.files("larex.configs") / group).iterdir()
-                         if p.name.endswith(".yaml"))
-        raise ConfigError(f"unknown {group} config {name!r}; available: {options}")
+        raise ConfigError(f"unknown {group} config {name!r}; available: {packaged_options(group)}")
     return OmegaConf.create(res.read_text())
 
 

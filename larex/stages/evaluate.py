@@ -28,10 +28,20 @@ HEAD_KEYS = ("head.weight", "head.bias")
 AGGREGATE_KEYS = ("entropy",)
 
 
+def baseline_specs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The selected baselines; ``baselines=all`` expands to every packaged ``configs/baselines/*.yaml``."""
+    node = cfg.get("baselines") or {}
+    specs = {name: spec for name, spec in node.items() if name != "all"}
+    if "all" in node:
+        for name in common.packaged_options("baselines"):
+            if name != "all" and name not in specs:
+                specs[name] = common.load_packaged_option("baselines", name)
+    return specs
+
+
 def postprocessor_specs(cfg: DictConfig) -> dict[str, DictConfig]:
     specs: dict[str, DictConfig] = {}
-    for group in ("postprocessor", "baselines"):
-        node = cfg.get(group)
+    for group, node in (("postprocessor", cfg.get("postprocessor") or {}), ("baselines", baseline_specs(cfg))):
         if node:
             for name, spec in node.items():
                 if name in specs:
@@ -83,6 +93,9 @@ class FeatureStore:
             raise KeyError(f"method {method} needs feature(s) {missing} of split {split}, which are missing: "
                            + "; ".join(hints))
 
+    def rows(self, split: str) -> int:
+        return int((io.read_manifest(self.extract / split) or {}).get("rows", 0))
+
     def get(self, split: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
         out = {}
         need_ex = [k for k in keys if k not in AGGREGATE_KEYS and k not in HEAD_KEYS and (split, k) not in self._cache]
@@ -120,28 +133,30 @@ def method_rows(method: str, scores: Mapping[str, np.ndarray], oods: list[str], 
     return rows, flat
 
 
-def results_table(df: pd.DataFrame, title: str) -> Table:
-    """Rich table: method × OOD set, AUROC and FPR95, best per column in bold green."""
-    t = Table(title=title, show_lines=False)
-    t.add_column("method", style="bold")
+def results_tables(df: pd.DataFrame, title: str) -> list[Table]:
+    """Two Rich tables (AUROC ↑ and FPR95 ↓): method rows × OOD-set columns, best per column in bold green."""
     oods = list(dict.fromkeys(df["ood"]))
-    for ood in oods:
-        t.add_column(f"{ood}\nAUROC ↑", justify="right")
-        t.add_column(f"{ood}\nFPR95 ↓", justify="right")
-    best = {}
-    for ood in oods:
-        sub = df[df["ood"] == ood]
-        best[(ood, "auroc")] = sub["auroc"].max()
-        best[(ood, "fpr95")] = sub["fpr95"].min()
-    for method in dict.fromkeys(df["method"]):
-        cells = []
+    tables = []
+    for col, better in (("auroc", "max"), ("fpr95", "min")):
+        arrow = "↑" if better == "max" else "↓"
+        t = Table(title=f"{title} — {col.upper()} {arrow}", title_justify="left")
+        t.add_column("method", style="bold", no_wrap=True)
         for ood in oods:
-            r = df[(df["ood"] == ood) & (df["method"] == method)].iloc[0]
-            for col in ("auroc", "fpr95"):
-                s = f"{r[col]:.4f}"
-                cells.append(f"[bold green]{s}[/]" if np.isclose(r[col], best[(ood, col)]) else s)
-        t.add_row(method, *cells)
-    return t
+            t.add_column(ood, justify="right", no_wrap=True)
+        best = {o: getattr(df.loc[df["ood"] == o, col], better)() for o in oods}
+        for method in dict.fromkeys(df["method"]):
+            cells = []
+            for ood in oods:
+                v = df.loc[(df["ood"] == ood) & (df["method"] == method), col].iloc[0]
+                cells.append(f"[bold green]{v:.4f}[/]" if np.isclose(v, best[ood]) else f"{v:.4f}")
+            t.add_row(method, *cells)
+        tables.append(t)
+    return tables
+
+
+def print_results(df: pd.DataFrame, title: str) -> None:
+    for t in results_tables(df, title):
+        common.console.print(t)
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:
@@ -152,19 +167,11 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     if not cfg.force and state.is_file() and io.read_json(state).get("config_hash") == h \
             and (out / "metrics.csv").is_file():
         df = pd.read_csv(out / "metrics.csv")
-        common.console.print(f"[evaluate] up to date: {out / 'metrics.csv'}")
-        common.console.print(results_table(df, f"{cfg.dataset.name} / {cfg.model.name} / {cfg.hooked_layer.name}"))
+        common.log("evaluate", f"up to date: {out / 'metrics.csv'}")
+        print_results(df, f"{cfg.dataset.name} / {cfg.model.name} / {cfg.hooked_layer.name}")
         return df
 
     oods = common.ood_names(cfg)
-    specs = postprocessor_specs(cfg)
-    methods = {name: instantiate(spec) for name, spec in specs.items()}
-    store = FeatureStore(cfg)
-    splits = ["fit", "val", "test", *(f"ood/{o}" for o in oods)]
-    for name, pp in methods.items():  # every missing input fails before any compute
-        for s in splits:
-            store.check(s, name, tuple(pp.requires))
-
     tracker = None
     if cfg.tracking.enabled:
         from larex.tracking import Tracker, default_uri
@@ -172,22 +179,13 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         uri = cfg.tracking.uri or default_uri(common.output_root(cfg))
         tracker = Tracker(uri, str(cfg.tracking.experiment), artifact_root=common.output_root(cfg) / "mlartifacts")
 
-    all_rows, flat, all_scores, timings = [], {}, {}, {}
-    head_keys = set(HEAD_KEYS)
-    for name, pp in methods.items():
-        req = tuple(pp.requires)
-        feat_keys = tuple(k for k in req if k not in head_keys)
-        head = store.get("fit", tuple(k for k in req if k in head_keys))
-        t0 = time.perf_counter()
-        pp.fit({**store.get("fit", feat_keys), **head}, {**store.get("val", feat_keys), **head})
-        scores = {s: np.asarray(pp.score({**store.get(s, feat_keys), **head}), dtype=np.float64)
-                  for s in splits[1:]}
-        timings[name] = time.perf_counter() - t0
-        all_scores[name] = scores
+    all_scores, timings = score_methods(cfg, postprocessor_specs(cfg))
+    all_rows, flat = [], {}
+    for name, scores in all_scores.items():
         rows, f = method_rows(name, scores, oods, float(cfg.evaluate.tpr), list(cfg.evaluate.zscore_percentiles))
         all_rows += rows
         flat.update(f)
-        io.write_bytes(out / "scores" / f"{name}.parquet", _scores_parquet(scores, store))
+    store = FeatureStore(cfg)
 
     df = pd.DataFrame(all_rows)
     mean = df.groupby("method", sort=False)[list(METRIC_COLUMNS)].mean().reset_index()
@@ -204,7 +202,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
 
     pngs = []
     if cfg.evaluate.plots:
-        pngs = _plots(out / "plots", all_scores, oods, table)
+        pngs = _plots(out / "plots", all_scores, oods, table, float(cfg.evaluate.tpr))
 
     title = f"{cfg.dataset.name} / {cfg.model.name} / {cfg.hooked_layer.name}"
     if tracker is not None:
@@ -223,13 +221,58 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     else:
         io.write_json(out / "evaluate.json", {"config_hash": h})
 
-    common.console.print(results_table(table, title))
+    print_results(table, title)
     if id_acc is not None:
         common.console.print(f"ID test accuracy: {id_acc:.4f}")
     common.console.print(f"metrics: {out / 'metrics.csv'}   plots: {out / 'plots'}")
     if tracker is not None:
         common.console.print(f"MLflow run {tracker.run_id}: mlflow ui --backend-store-uri {tracker.uri}")
     return table
+
+
+def method_hash(cfg: DictConfig, spec: DictConfig) -> str:
+    """What a method's scores depend on: its config and the features of every split."""
+    return io.config_hash({"method": common.plain(spec),
+                           "splits": {s: common.aggregate_hash(cfg, s) for s in common.all_splits(cfg)}})
+
+
+def score_methods(cfg: DictConfig, specs: Mapping[str, DictConfig]) -> tuple[dict, dict[str, float]]:
+    """Fit each method on ID ``fit`` (``val`` for its hyperparameters) and score ``val``, ``test`` and every
+    OOD set. Scores are cached in ``scores/<method>.parquet`` (+ ``.json`` with the config hash) and reused
+    while the method's config and the features are unchanged (``force=true`` recomputes)."""
+    common.ensure_ood(cfg)
+    out = common.run_dir(cfg) / "scores"
+    splits = ["fit", "val", "test", *(f"ood/{o}" for o in common.ood_names(cfg))]
+    methods = {name: instantiate(spec) for name, spec in specs.items()}
+    store = FeatureStore(cfg)
+    for name, pp in methods.items():  # every missing input fails before any compute
+        for s in splits:
+            store.check(s, name, tuple(pp.requires))
+    all_scores, timings = {}, {}
+    for name, pp in methods.items():
+        h = method_hash(cfg, specs[name])
+        cached = out / f"{name}.json"
+        if not cfg.force and cached.is_file() and io.read_json(cached).get("config_hash") == h:
+            df = pd.read_parquet(out / f"{name}.parquet")
+            all_scores[name] = {sp: df.loc[df["split"] == sp, "score"].to_numpy() for sp in splits[1:]}
+            timings[name] = float(io.read_json(cached).get("seconds", float("nan")))
+            continue
+        req = tuple(pp.requires)
+        feat_keys = tuple(k for k in req if k not in HEAD_KEYS)
+        head = store.get("fit", tuple(k for k in req if k in HEAD_KEYS))
+        t0 = time.perf_counter()
+        pp.fit({**store.get("fit", feat_keys), **head}, {**store.get("val", feat_keys), **head})
+        scores = {sp: np.asarray(pp.score({**store.get(sp, feat_keys), **head}), dtype=np.float64)
+                  for sp in splits[1:]}
+        timings[name] = time.perf_counter() - t0
+        for sp, v in scores.items():
+            if v.shape != (store.rows(sp),) or not np.isfinite(v).all():
+                raise ValueError(f"method {name} returned invalid scores for split {sp}: shape {v.shape}, "
+                                 f"{int((~np.isfinite(v)).sum())} non-finite values")
+        all_scores[name] = scores
+        io.write_bytes(out / f"{name}.parquet", _scores_parquet(scores, store))
+        io.write_json(cached, {"config_hash": h, "seconds": timings[name], "method": common.plain(specs[name])})
+    return all_scores, timings
 
 
 def _scores_parquet(scores: Mapping[str, np.ndarray], store: FeatureStore) -> bytes:
@@ -249,14 +292,14 @@ def _id_accuracy(store: FeatureStore) -> float | None:
 
 
 def _plots(directory: Path, all_scores: Mapping[str, Mapping[str, np.ndarray]], oods: list[str],
-           table: pd.DataFrame) -> list[Path]:
+           table: pd.DataFrame, tpr: float) -> list[Path]:
     pngs = []
     for name, scores in all_scores.items():
         ood_scores = {o: scores[f"ood/{o}"] for o in oods}
         pngs.append(plots.roc_plot(scores["test"], ood_scores, f"{name}: ID test vs OOD", directory / f"roc_{name}.png"))
         pngs.append(plots.score_histogram({"ID test": scores["test"], **ood_scores}, f"{name} scores",
                                           directory / f"hist_{name}.png",
-                                          threshold=metrics.threshold_at_tpr(scores["val"], 0.95)))
+                                          threshold=metrics.threshold_at_tpr(scores["val"], tpr)))
     mean = table[table["ood"] == "mean"].sort_values("auroc", ascending=False)
     best = list(mean["method"][:6])
     for o in oods:

@@ -34,7 +34,7 @@ def build_extractor(cfg: DictConfig, model: torch.nn.Module):
 
     hl = cfg.hooked_layer
     return FeatureExtractor(model, hooked_layer=str(hl.path), head=cfg.model.get("head"),
-                            mc_samples=int(hl.mc_samples), keys=tuple(cfg.extract.keys), seed=int(cfg.seed),
+                            mc_samples=int(hl.mc_samples), keys=tuple(cfg.extract.features), seed=int(cfg.seed),
                             drop_prob=hl.get("drop_prob"), block_size=hl.get("block_size"),
                             mc_batch=cfg.extract.get("mc_batch"))
 
@@ -65,7 +65,7 @@ def run(cfg: DictConfig, splits: list[str] | None = None) -> Path:
     out = extract_dir(cfg)
     todo = [s for s in splits if cfg.force or not io.is_complete(out / s, common.extract_hash(cfg, s))]
     if not todo:
-        common.console.print(f"[extract] up to date: {out}")
+        common.log("extract", f"up to date: {out}")
         return out
     device = common.resolve_device(cfg.device)
     check_layers(cfg)
@@ -80,11 +80,11 @@ def run(cfg: DictConfig, splits: list[str] | None = None) -> Path:
         writer = io.ShardWriter(out / split, h, shard_size=shard_size(cfg), total=len(ds), resume=not cfg.force)
         start = writer.resume_row
         if start:
-            common.console.print(f"[extract] {split}: resuming at row {start}/{len(ds)}")
+            common.log("extract", f"{split}: resuming at row {start}/{len(ds)}")
         subset = torch.utils.data.Subset(ds, range(start, len(ds))) if start else ds
         loader = torch.utils.data.DataLoader(subset, batch_size=int(cfg.extract.batch_size), shuffle=False,
                                              num_workers=int(cfg.extract.num_workers))
-        common.console.print(f"[extract] {split}: {len(ds)} images, S={cfg.hooked_layer.mc_samples} MC samples "
+        common.log("extract", f"{split}: {len(ds)} images, S={cfg.hooked_layer.mc_samples} MC samples "
                              f"of {cfg.hooked_layer.path} on {device}")
         cb = ShardPredictionWriter(writer)
         trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
@@ -94,5 +94,5 @@ def run(cfg: DictConfig, splits: list[str] | None = None) -> Path:
             trainer.predict(extractor, dataloaders=loader, return_predictions=False)
         writer.close(extra={"split": split, "images": len(ds), "mc_samples": int(cfg.hooked_layer.mc_samples),
                             "hooked_layer": str(cfg.hooked_layer.path)})
-    common.console.print(f"[extract] wrote {', '.join(todo)} -> {out}")
+    common.log("extract", f"wrote {', '.join(todo)} -> {out}")
     return out

@@ -51,13 +51,13 @@ def run(cfg: DictConfig) -> Path:
     common.quiet_lightning()
     if cfg.train.get("checkpoint"):
         load_model(cfg)  # validates the given weights early
-        common.console.print(f"[train] using given weights {cfg.train.checkpoint}")
+        common.log("train", f"using given weights {cfg.train.checkpoint}")
         return Path(str(cfg.train.checkpoint))
     out = checkpoint_dir(cfg)
     h = common.train_hash(cfg)
     if io.is_complete(out, h) and not cfg.force:
         m = io.read_manifest(out)
-        common.console.print(f"[train] up to date: {out} (val acc {m.get('val_accuracy', float('nan')):.4f})")
+        common.log("train", f"up to date: {out} (val acc {m.get('val_accuracy', float('nan')):.4f})")
         return out / CHECKPOINT
     common.seed_everything(int(cfg.seed))
     device = common.resolve_device(cfg.device)
@@ -75,7 +75,7 @@ def run(cfg: DictConfig) -> Path:
     trainer = pl.Trainer(max_epochs=int(tcfg.epochs), logger=False, enable_checkpointing=False,
                          enable_progress_bar=bool(cfg.progress), enable_model_summary=False,
                          deterministic=False, **common.lightning_accelerator(device))
-    common.console.print(f"[train] {cfg.model.name} on {cfg.dataset.name}: {len(fit_ds)} fit / {len(val_ds)} val "
+    common.log("train", f"{cfg.model.name} on {cfg.dataset.name}: {len(fit_ds)} fit / {len(val_ds)} val "
                          f"images, {tcfg.epochs} epochs on {device}")
     trainer.fit(lit, fit_dl, val_dl)
     model = lit.model.eval()
@@ -85,5 +85,5 @@ def run(cfg: DictConfig) -> Path:
     io.write_json(out / io.MANIFEST, {"complete": True, "config_hash": h, "val_accuracy": val_acc,
                                       "model": cfg.model.name, "dataset": cfg.dataset.name,
                                       "epochs": int(tcfg.epochs)})
-    common.console.print(f"[train] val accuracy {val_acc:.4f} -> {out / CHECKPOINT}")
+    common.log("train", f"val accuracy {val_acc:.4f} -> {out / CHECKPOINT}")
     return out / CHECKPOINT

@@ -1,0 +1,14 @@
+"""`larex-baselines`: thin Hydra entry point over :func:`larex.stages.baselines.run`."""
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="pkg://larex.configs", config_name="baselines")
+def main(cfg: DictConfig) -> None:
+    from larex.stages import baselines
+
+    baselines.run(cfg)
+
+
+if __name__ == "__main__":
+    main()
