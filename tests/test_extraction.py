@@ -286,3 +286,55 @@ def test_model_and_hooked_layer_configs_instantiate_and_vary(model_cfg, layers):
                               drop_prob=hl.drop_prob, block_size=hl.block_size)
         latent = fe.predict_step((x, torch.zeros(2), torch.arange(2)))["latent"]
         assert not torch.equal(latent[:, 0], latent[:, 1]), f"{name}: MC samples must differ"
+
+
+# ---------------------------------------------------------------- shared deterministic prefix
+
+class _SkipAroundDropout(nn.Module):
+    """A residual connection around the dropout: the prefix output is reused after the MC layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 12)
+        self.drop = nn.Dropout(0.3)
+        self.mid = nn.Linear(12, 12)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.fc(torch.relu(self.mid(self.drop(h))) + h)
+
+
+@pytest.mark.parametrize("mc_batch", [None, 20])
+@pytest.mark.parametrize("keys", [("latent", "mc_logits"), ("latent",)])
+def test_shared_prefix_gives_the_same_samples_as_full_passes(mc_batch, keys):
+    model = _cnn()
+    batch = _batch(n=5, first=11)
+    kw = dict(hooked_layer="block3", mc_samples=8, keys=keys, seed=3, drop_prob=0.3, mc_batch=mc_batch)
+    fast = FeatureExtractor(model, share_prefix=True, **kw).predict_step(batch)
+    slow = FeatureExtractor(model, share_prefix=False, **kw).predict_step(batch)
+    for k in keys:
+        assert fast[k].shape == slow[k].shape
+        torch.testing.assert_close(fast[k], slow[k], rtol=0, atol=1e-6)
+    assert not torch.equal(fast["latent"][:, 0], fast["latent"][:, 1])  # really stochastic
+
+
+def test_shared_prefix_runs_the_prefix_once_per_image():
+    model = _cnn()
+    calls = []
+    model.block1.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    FeatureExtractor(model, hooked_layer="block3", mc_samples=8, keys=("latent",), seed=0,
+                     drop_prob=0.3).predict_step(_batch(n=4))
+    assert calls == [4]  # not 4 * 8
+
+
+def test_shared_prefix_falls_back_when_a_skip_connection_reuses_the_prefix():
+    model = _SkipAroundDropout()
+    batch = (torch.randn(5, 6, generator=torch.Generator().manual_seed(2)), torch.zeros(5), torch.arange(5))
+    kw = dict(hooked_layer="mid", head="fc", mc_samples=6, keys=("latent", "mc_logits"), seed=1)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        fast = FeatureExtractor(model, share_prefix=True, **kw).predict_step(batch)
+    slow = FeatureExtractor(model, share_prefix=False, **kw).predict_step(batch)
+    for k in ("latent", "mc_logits"):
+        torch.testing.assert_close(fast[k], slow[k], rtol=0, atol=1e-6)

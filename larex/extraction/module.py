@@ -68,7 +68,8 @@ class FeatureExtractor(pl.LightningModule):
     * ``labels`` [B] int64.
 
     The S passes run as one forward on the batch repeated S times (row ``b*S + s`` is sample b, pass
-    s), split into chunks of at most ``mc_batch`` rows. BatchNorm is in eval, so this equals S
+    s), split into chunks of at most ``mc_batch`` rows; by default (``share_prefix``) the layers before
+    the first MC layer run once per image and only the rest runs on the S-fold batch. BatchNorm is in eval, so this equals S
     separate passes up to the random masks. Note that ``dropblock.DropBlock2D`` rescales by the kept
     fraction of the whole (chunk) batch. The masks come from a generator seeded with
     ``seed * 1_000_003 + index[0]``, so a batch's output depends only on ``seed``, its contents and
@@ -84,14 +85,18 @@ class FeatureExtractor(pl.LightningModule):
         seed: non-negative base seed of the MC masks.
         drop_prob, block_size: MC-layer overrides during the MC passes (None = as trained); see
             ``mc_mode``.
-        mc_batch: rows per MC forward chunk (None = all B*S rows at once).
+        mc_batch: rows per MC forward chunk, rounded down to whole images (None = all B*S rows at once).
         reduction: ``reduce_activation`` layout for the hooked output.
+        share_prefix: run the layers before the first MC layer once per image and repeat only that
+            layer's input S times (exact: nothing before it is stochastic). Falls back to S full passes,
+            with a warning, for models where later layers reuse earlier activations (e.g. a skip
+            connection around the dropout layer).
     """
 
     def __init__(self, model: nn.Module, hooked_layer: str, head: str | None = "fc",
                  mc_samples: int = 16, keys: Sequence[str] = KNOWN_KEYS, seed: int = 0,
                  drop_prob: float | None = None, block_size: int | None = None,
-                 mc_batch: int | None = None, reduction: str = "auto") -> None:
+                 mc_batch: int | None = None, reduction: str = "auto", share_prefix: bool = True) -> None:
         super().__init__()
         keys = (keys,) if isinstance(keys, str) else tuple(keys)
         unknown = [k for k in keys if k not in KNOWN_KEYS]
@@ -129,6 +134,8 @@ class FeatureExtractor(pl.LightningModule):
         self.block_size = block_size
         self.mc_batch = mc_batch
         self.reduction = reduction
+        self.share_prefix = share_prefix
+        self._prefix_ok: bool | None = None  # None: not tried yet
         self._checked_variation = False
 
     def _model_device(self) -> torch.device:
@@ -183,30 +190,36 @@ class FeatureExtractor(pl.LightningModule):
 
     def _monte_carlo(self, x: torch.Tensor, first_index: int) -> dict[str, torch.Tensor]:
         n, s = x.shape[0], self.mc_samples
-        rows = n * s
-        chunk = self.mc_batch or rows
-        source = torch.arange(n, device=x.device).repeat_interleave(s)
+        per_chunk = max(1, (self.mc_batch or n * s) // s)  # images per stochastic forward
         want_latent, want_logits = "latent" in self.keys, "mc_logits" in self.keys
         layer = resolve_module(self.model, self.hooked_layer)
-        latents, logits = [], []
         with mc_mode(self.model, self.drop_prob, self.block_size) as layers, \
                 seeded_rng(self.seed * SEED_STRIDE + first_index, x.device):
             active = any(float(getattr(m, "drop_prob", getattr(m, "p", 0.0))) > 0 for _, m in layers)
-            for r0 in range(0, rows, chunk):
-                xi = x.index_select(0, source[r0:r0 + chunk])
-                with ExitStack() as stack:
-                    cap = stack.enter_context(capture_output(layer, stop_forward=not want_logits)) \
-                        if want_latent else None
-                    y = self.model(xi)
-                    if want_logits:
-                        logits.append(_logits_of(y).float())
-                if cap is not None:
-                    if cap.calls == 0 or (want_logits and cap.calls > 1):
-                        raise RuntimeError(
-                            f"hooked layer {self.hooked_layer!r} ran {cap.calls} times in one forward of "
-                            f"{type(self.model).__name__}; choose a layer that runs exactly once")
-                    value = _first_tensor(cap.value, f"hooked layer {self.hooked_layer!r}")
-                    latents.append(reduce_activation(value, self.reduction).float())
+            state = torch.random.get_rng_state(), (torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+            latents, logits = [], []
+            if self.share_prefix and self._prefix_ok is not False:
+                try:
+                    for i0 in range(0, n, per_chunk):
+                        self._mc_forward(x[i0:i0 + per_chunk], layer, [m for _, m in layers], latents, logits,
+                                         want_latent, want_logits, expand_at_mc_layer=True)
+                    self._prefix_ok = True
+                except RuntimeError as err:
+                    if self._prefix_ok:  # it worked on earlier batches: a real error, not the graph
+                        raise
+                    self._prefix_ok = False
+                    warnings.warn(f"running the layers before the first dropout/DropBlock layer once per batch "
+                                  f"failed for {type(self.model).__name__} ({err}); falling back to S full "
+                                  "forward passes (slower, same result)", RuntimeWarning, stacklevel=3)
+                    latents, logits = [], []
+                    torch.random.set_rng_state(state[0])
+                    if state[1] is not None:
+                        torch.cuda.set_rng_state(state[1], x.device)
+            if not self._prefix_ok:
+                for i0 in range(0, n, per_chunk):
+                    xi = x[i0:i0 + per_chunk].repeat_interleave(s, dim=0)
+                    self._mc_forward(xi, layer, [], latents, logits, want_latent, want_logits,
+                                     expand_at_mc_layer=False)
         res = {}
         if want_latent:
             latent = torch.cat(latents).reshape(n, s, -1)
@@ -215,6 +228,48 @@ class FeatureExtractor(pl.LightningModule):
         if want_logits:
             res["mc_logits"] = torch.cat(logits).reshape(n, s, -1).cpu()
         return res
+
+    def _mc_forward(self, xi: torch.Tensor, layer: nn.Module, mc_layers: list[nn.Module], latents: list,
+                    logits: list, want_latent: bool, want_logits: bool, expand_at_mc_layer: bool) -> None:
+        """One stochastic forward whose rows are ``b * S + s``.
+
+        With ``expand_at_mc_layer`` the input holds each image once: the deterministic layers before the
+        first MC layer run once per image and that layer's input is repeated S times (row order and RNG
+        draws are the same as for the repeated input, so the samples are identical).
+        """
+        s = self.mc_samples
+        rows = xi.shape[0] * s if expand_at_mc_layer else xi.shape[0]
+        expanded = [False]
+
+        def expand(module: nn.Module, args: tuple) -> tuple | None:
+            if expanded[0] or not args or not isinstance(args[0], torch.Tensor):
+                return None
+            expanded[0] = True
+            return (args[0].repeat_interleave(s, dim=0), *args[1:])
+
+        with ExitStack() as stack:
+            if expand_at_mc_layer:
+                for m in mc_layers:
+                    stack.callback(m.register_forward_pre_hook(expand).remove)
+            cap = stack.enter_context(capture_output(layer, stop_forward=not want_logits)) if want_latent else None
+            y = self.model(xi)
+            if want_logits:
+                out = _logits_of(y)
+                if out.shape[0] != rows:
+                    raise RuntimeError(f"model output has {out.shape[0]} rows, expected {rows}")
+                logits.append(out.float())
+        if cap is not None:
+            if cap.calls == 0 or (want_logits and cap.calls > 1):
+                raise RuntimeError(
+                    f"hooked layer {self.hooked_layer!r} ran {cap.calls} times in one forward of "
+                    f"{type(self.model).__name__}; choose a layer that runs exactly once")
+            value = reduce_activation(_first_tensor(cap.value, f"hooked layer {self.hooked_layer!r}"),
+                                      self.reduction).float()
+            if value.shape[0] * s == rows and value.shape[0] != rows:  # hooked layer runs before every MC layer
+                value = value.repeat_interleave(s, dim=0)
+            if value.shape[0] != rows:
+                raise RuntimeError(f"hooked layer output has {value.shape[0]} rows, expected {rows}")
+            latents.append(value)
 
     def _warn_if_constant(self, latent: torch.Tensor, active: bool) -> None:
         if self._checked_variation or latent.shape[1] < 2 or not active:
