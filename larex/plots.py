@@ -65,7 +65,7 @@ def methods_roc_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title:
 
 
 def score_histogram(scores: Mapping[str, np.ndarray], title: str, path: str | Path,
-                    threshold: float | None = None) -> Path:
+                    threshold: float | None = None, threshold_label: str = "threshold") -> Path:
     """Overlaid score histograms (ID test and each OOD set), with the decision threshold if given."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -77,7 +77,7 @@ def score_histogram(scores: Mapping[str, np.ndarray], title: str, path: str | Pa
     for name, v in scores.items():
         ax.hist(np.clip(v, lo, hi), bins=bins, alpha=0.45, density=True, label=f"{name} (n={len(v)})")
     if threshold is not None and np.isfinite(threshold):
-        ax.axvline(threshold, color="black", lw=1, ls="--", label="threshold (95% TPR on ID val)")
+        ax.axvline(threshold, color="black", lw=1, ls="--", label=threshold_label)
     ax.set(xlabel="score (higher = more in-distribution)", ylabel="density", title=title)
     ax.legend(fontsize=8)
     try:

@@ -299,7 +299,8 @@ def _plots(directory: Path, all_scores: Mapping[str, Mapping[str, np.ndarray]], 
         pngs.append(plots.roc_plot(scores["test"], ood_scores, f"{name}: ID test vs OOD", directory / f"roc_{name}.png"))
         pngs.append(plots.score_histogram({"ID test": scores["test"], **ood_scores}, f"{name} scores",
                                           directory / f"hist_{name}.png",
-                                          threshold=metrics.threshold_at_tpr(scores["val"], tpr)))
+                                          threshold=metrics.threshold_at_tpr(scores["val"], tpr),
+                                          threshold_label=f"threshold ({tpr:.0%} TPR on ID val)"))
     mean = table[table["ood"] == "mean"].sort_values("auroc", ascending=False)
     best = list(mean["method"][:6])
     for o in oods:
