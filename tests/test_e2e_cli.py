@@ -106,7 +106,10 @@ def test_metrics_table_and_mlflow_run(pipeline):
                 assert f"{o}/{m}/{k}" in rec["metrics"]
     assert rec["metrics"]["digits/larem/auroc"] == pytest.approx(row["auroc"])
     assert rec["params"]["hooked_layer.mc_samples"] == str(S)
-    assert {"metrics.csv", "metrics.parquet", "config.yaml", "plots/roc_lared.png"} <= set(rec["artifacts"])
+    assert {"metrics.csv", "metrics.parquet", "results.md", "config.yaml", "plots/roc_lared.png"} <= set(rec["artifacts"])
+    md = (run / "results.md").read_text()
+    best = table[table.ood == "digits"]["auroc"].max()
+    assert f"**{best:.4f}**" in md
     assert "mlflow ui --backend-store-uri" in logs["evaluate"].stdout
     assert "lared" in logs["evaluate"].stdout and "AUROC" in logs["evaluate"].stdout
 
@@ -143,3 +146,23 @@ def test_help_cfg_job_and_multirun(pipeline):
     assert "resnet18" in job and "cifar10" in job
     p = cli("larex-evaluate", "-m", *tiny(out), "postprocessor=lared,larem", cwd=work)
     assert p.stdout.count("MLflow run") == 2
+
+
+def test_baselines_stage_and_missing_feature_error(pipeline, tmp_path):
+    """A baseline needing a feature that was not extracted fails before any compute, naming the key and the
+    extraction option; with the feature present, larex-baselines writes its scores."""
+    work, out, _ = pipeline
+    p = cli("larex-baselines", *tiny(out), "baselines=[msp,knn]", cwd=work)
+    run = out / "classification" / "fashion_mnist" / "small_cnn" / "block3"
+    msp = pd.read_parquet(run / "scores" / "msp.parquet")
+    assert set(msp["split"]) == {"val", "test", *(f"ood/{o}" for o in OODS)}
+    assert "knn" in p.stdout
+    lean = [*tiny(tmp_path / "o"), "extract.features=[latent,labels]", "limit.fit=64", "limit.val=64",
+            "limit.test=64", "limit.ood=32", "train.limit.fit=256", "train.limit.val=64"]
+    cli("larex-train", *lean, cwd=work)
+    cli("larex-extract", *lean, cwd=work)
+    bad = cli("larex-baselines", *lean, "baselines=[msp]", cwd=work, check=False)
+    assert bad.returncode != 0
+    text = bad.stdout + bad.stderr
+    assert "'logits'" in text and "extract.features" in text
+    assert not (tmp_path / "o" / "classification" / "fashion_mnist" / "small_cnn" / "block3" / "scores").exists()

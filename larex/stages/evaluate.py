@@ -89,7 +89,8 @@ class FeatureStore:
                 elif k in HEAD_KEYS:
                     hints.append(f"'{k}' is written by larex-extract when model.head names the final linear layer")
                 else:
-                    hints.append(f"'{k}' is written by larex-extract when extract.keys contains it")
+                    hints.append(f"'{k}' is written by larex-extract when extract.features contains it "
+                                 f"(extract.features=[...,{k}])")
             raise KeyError(f"method {method} needs feature(s) {missing} of split {split}, which are missing: "
                            + "; ".join(hints))
 
@@ -154,6 +155,24 @@ def results_tables(df: pd.DataFrame, title: str) -> list[Table]:
     return tables
 
 
+def results_markdown(df: pd.DataFrame, title: str) -> str:
+    """The same two tables as Markdown (best per column in bold), for the run folder and MLflow."""
+    oods = list(dict.fromkeys(df["ood"]))
+    lines = [f"# {title}", ""]
+    for col, better in (("auroc", "max"), ("fpr95", "min")):
+        lines += [f"## {col.upper()} ({'higher' if better == 'max' else 'lower'} is better)", "",
+                  "| method | " + " | ".join(oods) + " |", "|---|" + "---:|" * len(oods)]
+        best = {o: getattr(df.loc[df["ood"] == o, col], better)() for o in oods}
+        for method in dict.fromkeys(df["method"]):
+            cells = []
+            for ood in oods:
+                v = df.loc[(df["ood"] == ood) & (df["method"] == method), col].iloc[0]
+                cells.append(f"**{v:.4f}**" if np.isclose(v, best[ood]) else f"{v:.4f}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def print_results(df: pd.DataFrame, title: str) -> None:
     for t in results_tables(df, title):
         common.console.print(t)
@@ -193,6 +212,8 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     table = pd.concat([df, mean], ignore_index=True)
     io.write_text(out / "metrics.csv", table.to_csv(index=False))
     io.write_bytes(out / "metrics.parquet", table.to_parquet(index=False))
+    title = f"{cfg.dataset.name} / {cfg.model.name} / {cfg.hooked_layer.name}"
+    io.write_text(out / "results.md", results_markdown(table, title))
     for _, r in mean.iterrows():
         flat.update({f"mean/{r['method']}/{k}": float(r[k]) for k in METRIC_COLUMNS})
 
@@ -204,14 +225,13 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     if cfg.evaluate.plots:
         pngs = _plots(out / "plots", all_scores, oods, table, float(cfg.evaluate.tpr))
 
-    title = f"{cfg.dataset.name} / {cfg.model.name} / {cfg.hooked_layer.name}"
     if tracker is not None:
         with tracker.start_run(run_name=cfg.tracking.run_name or f"{cfg.dataset.name}-{cfg.model.name}-"
                                f"{cfg.hooked_layer.name}", tags={"larex.stage": "evaluate", "larex.run_dir": str(out)}):
             tracker.log_params(common.plain(cfg))
             tracker.log_metrics(flat)
             tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
-            for p in (out / "metrics.csv", out / "metrics.parquet"):
+            for p in (out / "metrics.csv", out / "metrics.parquet", out / "results.md"):
                 tracker.log_artifact(p)
             for p in pngs:
                 tracker.log_artifact(p, "plots")
