@@ -63,11 +63,40 @@ class Tracker:
 
     @contextmanager
     def start_run(self, run_name: str | None = None, tags: Mapping[str, str] | None = None,
-                  nested: bool = False) -> Iterator["Tracker"]:
-        with self._mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name,
-                                    tags=dict(tags or {}), nested=nested) as run:
+                  parent_run_id: str | None = None) -> Iterator["Tracker"]:
+        """Start a run (a child of ``parent_run_id`` when given, shown nested in the MLflow UI)."""
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        with self._mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags) as run:
             self.run_id = run.info.run_id
             yield self
+
+    def sweep_parent(self, sweep_dir: str | Path, name: str) -> str:
+        """The parent run of a Hydra multirun sweep, created once by whichever job gets there first.
+
+        Jobs of one sweep (possibly parallel processes) agree on it through ``<sweep_dir>/mlflow_parent.json``
+        written under an exclusive file lock.
+        """
+        import fcntl
+        import json
+
+        sweep_dir = Path(sweep_dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        record = sweep_dir / "mlflow_parent.json"
+        with open(sweep_dir / ".mlflow_parent.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if record.is_file():
+                data = json.loads(record.read_text())
+                if data.get("tracking_uri") == self.uri:
+                    return data["run_id"]
+            client = self._mlflow.MlflowClient(self.uri)
+            run = client.create_run(self.experiment_id, run_name=name, tags={"larex.sweep_dir": str(sweep_dir)})
+            client.set_terminated(run.info.run_id)
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": self.uri}))
+            os.replace(tmp, record)
+            return run.info.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         clean = {}
@@ -119,5 +148,17 @@ def read_run(uri: str, run_id: str) -> dict[str, Any]:
             out.extend(walk(f.path) if f.is_dir else [f.path])
         return out
 
-    return {"params": dict(run.data.params), "metrics": dict(run.data.metrics), "artifacts": walk(),
-            "status": run.info.status}
+    return {"params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags),
+            "artifacts": walk(), "status": run.info.status}
+
+
+def list_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
+    """Run id, name and tags of every run of an experiment (newest first)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return [{"run_id": r.info.run_id, "name": r.info.run_name, "tags": dict(r.data.tags)}
+            for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])]

@@ -146,6 +146,13 @@ def test_help_cfg_job_and_multirun(pipeline):
     assert "resnet18" in job and "cifar10" in job
     p = cli("larex-evaluate", "-m", *tiny(out), "postprocessor=lared,larem", cwd=work)
     assert p.stdout.count("MLflow run") == 2
+    from larex.tracking import list_runs
+
+    runs = list_runs(f"sqlite:///{out}/mlflow.db", "larex")
+    children = [r for r in runs if "larex.job" in r["tags"]]
+    assert len(children) == 2 and {r["tags"]["larex.job"] for r in children} == {"0", "1"}
+    parents = {r["tags"]["mlflow.parentRunId"] for r in children}
+    assert len(parents) == 1 and parents <= {r["run_id"] for r in runs}  # one parent run per sweep
 
 
 def test_baselines_stage_and_missing_feature_error(pipeline, tmp_path):

@@ -1,6 +1,7 @@
 """LightningModule that extracts the LaREx feature set (latent, logits, mc_logits, ...) per batch."""
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -15,6 +16,8 @@ from larex.extraction.mc import REDUCTIONS, check_overrides, eval_mode, mc_mode,
     require_mc_modules
 
 KNOWN_KEYS = ("latent", "logits", "mc_logits", "penultimate", "labels")
+NAC_PREFIX = "nac."
+"""Key family ``nac.<layer path>``: NAC neuron states of the layers in ``FeatureExtractor(nac_layers=...)``."""
 SEED_STRIDE = 1_000_003
 
 
@@ -66,6 +69,11 @@ class FeatureExtractor(pl.LightningModule):
       spatial mean, FC kept raw, sequences -> token mean). ``mc_logits`` [B, S, C]: the model output
       of those passes.
     * ``labels`` [B] int64.
+    * ``nac.<layer path>`` [B, D] float32 for every layer in ``nac_layers`` (returned in addition to
+      ``keys``): NAC neuron states (Liu et al., ICLR 2024) ``sigmoid(nac_alpha * reduce(z * dKL/dz))``,
+      z the layer output, KL = KL(uniform || softmax(logits)), ``reduce`` as for ``latent`` (conv maps ->
+      per-channel spatial mean of the product, before the sigmoid, as pytorch-ood's ``NACUE``). One
+      forward + backward in eval mode, with gradients enabled even inside ``Trainer.predict``.
 
     The S passes run as one forward on the batch repeated S times (row ``b*S + s`` is sample b, pass
     s), split into chunks of at most ``mc_batch`` rows; by default (``share_prefix``) the layers before
@@ -91,15 +99,23 @@ class FeatureExtractor(pl.LightningModule):
             layer's input S times (exact: nothing before it is stochastic). Falls back to S full passes,
             with a warning, for models where later layers reuse earlier activations (e.g. a skip
             connection around the dropout layer).
+        nac_layers: dotted paths of the layers whose NAC states become ``nac.<path>`` (empty = none).
+        nac_alpha: sigmoid steepness of the NAC states (pytorch-ood's default 100).
     """
 
     def __init__(self, model: nn.Module, hooked_layer: str, head: str | None = "fc",
                  mc_samples: int = 16, keys: Sequence[str] = KNOWN_KEYS, seed: int = 0,
                  drop_prob: float | None = None, block_size: int | None = None,
-                 mc_batch: int | None = None, reduction: str = "auto", share_prefix: bool = True) -> None:
+                 mc_batch: int | None = None, reduction: str = "auto", share_prefix: bool = True,
+                 nac_layers: Sequence[str] = (), nac_alpha: float = 100.0) -> None:
         super().__init__()
         keys = (keys,) if isinstance(keys, str) else tuple(keys)
         unknown = [k for k in keys if k not in KNOWN_KEYS]
+        nac_keys = [k for k in unknown if isinstance(k, str) and k.startswith(NAC_PREFIX)]
+        if nac_keys:
+            raise ValueError(f"FeatureExtractor keys {nac_keys}: NAC states are not requested through keys; "
+                             f"pass nac_layers={[k[len(NAC_PREFIX):] for k in nac_keys]} (extract.nac_layers) "
+                             "instead")
         if unknown or not keys:
             raise ValueError(f"FeatureExtractor keys {unknown or '(empty)'} invalid; choose a non-empty "
                              f"subset of {KNOWN_KEYS}")
@@ -124,6 +140,14 @@ class FeatureExtractor(pl.LightningModule):
                              "set head or drop 'penultimate' from keys")
         if "latent" in keys or "mc_logits" in keys:
             require_mc_modules(model)
+        nac_layers = (nac_layers,) if isinstance(nac_layers, str) else tuple(nac_layers)
+        for path in nac_layers:
+            resolve_module(model, path)
+        if len(set(nac_layers)) != len(nac_layers):
+            raise ValueError(f"FeatureExtractor nac_layers {list(nac_layers)} lists a layer twice; list each once")
+        if isinstance(nac_alpha, bool) or not isinstance(nac_alpha, (int, float)) \
+                or not (math.isfinite(nac_alpha) and nac_alpha > 0):
+            raise ValueError(f"FeatureExtractor nac_alpha must be a positive finite number; got {nac_alpha!r}")
         self.model = model
         self.hooked_layer = hooked_layer
         self.head = head
@@ -135,6 +159,8 @@ class FeatureExtractor(pl.LightningModule):
         self.mc_batch = mc_batch
         self.reduction = reduction
         self.share_prefix = share_prefix
+        self.nac_layers = nac_layers
+        self.nac_alpha = float(nac_alpha)
         self._prefix_ok: bool | None = None  # None: not tried yet
         self._checked_variation = False
 
@@ -167,7 +193,59 @@ class FeatureExtractor(pl.LightningModule):
                 out.update(self._monte_carlo(x, int(index.reshape(-1)[0])))
         if "labels" in self.keys:
             out["labels"] = y.detach().to(device="cpu", dtype=torch.int64)
-        return {k: out[k] for k in self.keys}
+        if self.nac_layers:
+            out.update(self._nac(x))
+        return {k: out[k] for k in (*self.keys, *(NAC_PREFIX + p for p in self.nac_layers))}
+
+    def _nac(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``nac.<path>`` [B, D]: NAC states of ``nac_layers`` from one eval-mode forward + backward.
+
+        Lightning predicts under ``torch.inference_mode``, whose tensors cannot enter autograd: the input is
+        cloned with inference mode switched off and gradients enabled. The loss is the sum over the batch
+        of each sample's KL(u || p_b); in eval mode samples do not interact (BatchNorm uses running
+        statistics, dropout/DropBlock are off), so d(sum_b KL_b)/dz_b = dKL_b/dz_b: one batched backward
+        gives every sample's own gradient exactly.
+        """
+        modules = [resolve_module(self.model, p) for p in self.nac_layers]
+        captured: list[list[Any]] = [[] for _ in modules]
+
+        def hook_for(i: int):
+            def hook(_m: nn.Module, _args: tuple, value: Any) -> torch.Tensor:
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"NAC layer {self.nac_layers[i]!r} returned {type(value).__name__}, not a "
+                                    "tensor; choose a layer whose output is a single tensor")
+                captured[i].append(value)
+                # downstream layers get a copy, so an in-place op after this layer (e.g. ResNet's
+                # `out += identity` after bn2) cannot overwrite z; the copy's gradient is z's gradient
+                return value.clone()
+            return hook
+
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(self.model), ExitStack() as stack:
+            for i, m in enumerate(modules):
+                stack.callback(m.register_forward_hook(hook_for(i)).remove)
+            xi = x.clone()
+            if xi.is_floating_point():  # layer outputs then need grad even when all parameters are frozen
+                xi.requires_grad_(True)
+            logits = _logits_of(self.model(xi))
+            for path, caps in zip(self.nac_layers, captured):
+                if len(caps) != 1:
+                    raise RuntimeError(f"NAC layer {path!r} ran {len(caps)} times in one forward of "
+                                       f"{type(self.model).__name__}; choose a layer that runs exactly once")
+                if not caps[0].requires_grad:
+                    raise RuntimeError(f"NAC layer {path!r} output does not depend on differentiable inputs "
+                                       "(no grad); choose a layer on the path from the input to the logits")
+            zs = [caps[0] for caps in captured]
+            # KL(u || softmax(f)) = -log C - mean_c log_softmax(f)_c; the constant has no gradient
+            loss = -torch.log_softmax(logits.float(), dim=1).mean(dim=1).sum()
+            grads = torch.autograd.grad(loss, zs, allow_unused=True)
+            res = {}
+            for path, z, g in zip(self.nac_layers, zs, grads):
+                if g is None:
+                    raise RuntimeError(f"the logits do not depend on NAC layer {path!r}; choose a layer on the "
+                                       "path from the input to the logits")
+                prod = reduce_activation(z.detach() * g, self.reduction)  # spatial mean of z * dKL/dz
+                res[NAC_PREFIX + path] = torch.sigmoid(self.nac_alpha * prod).float().cpu()
+        return res
 
     def _deterministic(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         res = {}

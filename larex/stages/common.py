@@ -74,6 +74,21 @@ def plain(node: Any) -> Any:
     return node
 
 
+def sweep_info() -> dict[str, str] | None:
+    """Sweep directory, job number and overrides when running as one job of a Hydra multirun, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):  # not launched by Hydra (tests, notebooks)
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return {"dir": str(Path(hc.sweep.dir).resolve()), "job": str(hc.job.num),
+            "overrides": " ".join(hc.overrides.task)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # layout
 # ---------------------------------------------------------------------------------------------------

@@ -226,8 +226,13 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         pngs = _plots(out / "plots", all_scores, oods, table, float(cfg.evaluate.tpr))
 
     if tracker is not None:
+        sweep = common.sweep_info()
+        parent = tracker.sweep_parent(sweep["dir"], f"sweep {Path(sweep['dir']).name}") if sweep else None
+        tags = {"larex.stage": "evaluate", "larex.run_dir": str(out)}
+        if sweep:
+            tags.update({"larex.sweep_dir": sweep["dir"], "larex.job": sweep["job"], "larex.overrides": sweep["overrides"]})
         with tracker.start_run(run_name=cfg.tracking.run_name or f"{cfg.dataset.name}-{cfg.model.name}-"
-                               f"{cfg.hooked_layer.name}", tags={"larex.stage": "evaluate", "larex.run_dir": str(out)}):
+                               f"{cfg.hooked_layer.name}", tags=tags, parent_run_id=parent):
             tracker.log_params(common.plain(cfg))
             tracker.log_metrics(flat)
             tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()})

@@ -36,7 +36,14 @@ def build_extractor(cfg: DictConfig, model: torch.nn.Module):
     return FeatureExtractor(model, hooked_layer=str(hl.path), head=cfg.model.get("head"),
                             mc_samples=int(hl.mc_samples), keys=tuple(cfg.extract.features), seed=int(cfg.seed),
                             drop_prob=hl.get("drop_prob"), block_size=hl.get("block_size"),
-                            mc_batch=cfg.extract.get("mc_batch"))
+                            mc_batch=cfg.extract.get("mc_batch"),
+                            nac_layers=_nac_layers(cfg), nac_alpha=float(cfg.extract.get("nac_alpha", 100.0)))
+
+
+def _nac_layers(cfg: DictConfig) -> tuple[str, ...]:
+    """``extract.nac_layers`` (optional) as a tuple of dotted paths; a single string is one layer."""
+    layers = cfg.extract.get("nac_layers") or ()
+    return (str(layers),) if isinstance(layers, str) else tuple(str(p) for p in layers)
 
 
 def check_layers(cfg: DictConfig) -> None:
