@@ -86,3 +86,23 @@ def test_default_ood_names_exist():
     for ds in options("dataset"):
         for name in compose("run", overrides=[f"dataset={ds}"]).dataset.get("default_ood") or []:
             assert name in options("ood"), f"dataset {ds}: default_ood {name} has no configs/ood/{name}.yaml"
+
+
+def test_methods_needing_unextracted_features_fail_before_compute():
+    from larex.stages.common import ConfigError
+    from larex.stages.evaluate import check_requirements
+
+    with pytest.raises(ConfigError, match=r"nac_ue.*extract\.nac_layers=\[block3\]"):
+        check_requirements(compose("run", overrides=["baselines=[msp,nac_ue]"]))
+    with pytest.raises(ConfigError, match=r"msp.*'logits'.*extract\.features"):
+        check_requirements(compose("run", overrides=["baselines=[msp]", "extract.features=[latent,labels]"]))
+    check_requirements(compose("run", overrides=["baselines=all", "extract.nac_layers=[block3]"]))
+
+
+def test_demo_experiment_selects_every_baseline_and_their_features():
+    from larex.stages.evaluate import check_requirements, postprocessor_specs
+
+    cfg = compose("run", overrides=["experiment=fmnist_demo"])
+    names = set(postprocessor_specs(cfg))
+    assert {"lared", "larem", "msp", "vim", "knn", "nac_ue", "mcd_mi"} <= names and len(names) >= 12
+    check_requirements(cfg)

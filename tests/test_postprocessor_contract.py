@@ -24,12 +24,12 @@ def yamls():
     return out
 
 
-def synthetic(seed: int, shift: float = 0.0, n: int = N) -> dict[str, np.ndarray]:
+def synthetic(seed: int, shift: float = 0.0, n: int = N, requires: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     pen = np.abs(rng.normal(shift, 1.0, size=(n, F)))
     w = np.random.default_rng(99).normal(size=(C, F))
     logits = pen @ w.T + rng.normal(0, 0.1, size=(n, C))
-    return {
+    feats = {
         "entropy": rng.normal(shift, 1.0, size=(n, D)),
         "latent": rng.normal(shift, 1.0, size=(n, S, D)).astype(np.float32),
         "logits": logits.astype(np.float32),
@@ -39,6 +39,10 @@ def synthetic(seed: int, shift: float = 0.0, n: int = N) -> dict[str, np.ndarray
         "head.weight": w.astype(np.float32),
         "head.bias": np.zeros(C, dtype=np.float32),
     }
+    for k in requires:  # NAC neuron states (sigmoid outputs) of whichever layers the method names
+        if k.startswith("nac."):
+            feats[k] = rng.uniform(0.01, 0.99, size=(n, 8)).astype(np.float32)
+    return feats
 
 
 @pytest.mark.parametrize("group,name", yamls(), ids=[f"{g}/{n}" for g, n in yamls()])
@@ -46,7 +50,7 @@ def test_yaml_fit_score_contract(group, name):
     spec = OmegaConf.load(str(CONFIGS / group / f"{name}.yaml"))
     pp = instantiate(spec)
     assert pp.requires, f"{name} declares no required features"
-    fit, val, test = synthetic(0), synthetic(1), synthetic(2)
+    fit, val, test = (synthetic(i, requires=pp.requires) for i in range(3))
     copies = {k: v.copy() for k, v in test.items()}
     a = pp.fit({k: fit[k] for k in pp.requires}, {k: val[k] for k in pp.requires}).score(test)
     b = pp.score(test)

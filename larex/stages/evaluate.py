@@ -52,6 +52,27 @@ def postprocessor_specs(cfg: DictConfig) -> dict[str, DictConfig]:
     return specs
 
 
+def producible_features(cfg: DictConfig) -> set[str]:
+    """Feature keys this config's extract + aggregate stages write."""
+    keys = set(cfg.extract.features) | set(AGGREGATE_KEYS) | {f"nac.{layer}" for layer in cfg.extract.nac_layers or []}
+    if cfg.model.get("head"):
+        keys |= set(HEAD_KEYS)
+    return keys
+
+
+def check_requirements(cfg: DictConfig) -> None:
+    """Fail before any compute when a selected method needs a feature this config does not extract."""
+    have = producible_features(cfg)
+    for name, spec in postprocessor_specs(cfg).items():
+        missing = [k for k in instantiate(spec).requires if k not in have]
+        if missing:
+            hints = [f"extract.nac_layers=[{k[4:]}]" if k.startswith("nac.")
+                     else "model.head=<final linear layer>" if k in HEAD_KEYS
+                     else f"extract.features=[...,{k}]" for k in missing]
+            raise common.ConfigError(f"method {name} needs feature(s) {missing}, which this config does not "
+                                     f"extract; add {' and '.join(hints)} or drop the method")
+
+
 def evaluate_hash(cfg: DictConfig) -> str:
     return io.config_hash({
         "splits": {s: common.aggregate_hash(cfg, s) for s in common.all_splits(cfg)},
@@ -86,6 +107,8 @@ class FeatureStore:
             for k in missing:
                 if k in AGGREGATE_KEYS:
                     hints.append(f"'{k}' is written by larex-aggregate")
+                elif k.startswith("nac."):
+                    hints.append(f"'{k}' is written by larex-extract with extract.nac_layers=[{k[4:]}]")
                 elif k in HEAD_KEYS:
                     hints.append(f"'{k}' is written by larex-extract when model.head names the final linear layer")
                 else:

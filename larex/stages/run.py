@@ -13,7 +13,7 @@ from larex.stages import aggregate, common, evaluate, extract, train
 
 def run(cfg: DictConfig) -> pd.DataFrame:
     common.ensure_ood(cfg)
-    evaluate.postprocessor_specs(cfg)  # config errors before any compute
+    evaluate.check_requirements(cfg)  # config errors before any compute
     extract.check_layers(cfg)
     timings: dict[str, float] = {}
     result = None

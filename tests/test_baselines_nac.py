@@ -1,0 +1,269 @@
+"""NAC-UE (Liu et al., ICLR 2024): the extractor's ``nac.<layer>`` neuron states and the NACUE postprocessor.
+
+References: the states are checked against a per-sample autograd loop written here from the paper's
+definition; the scores against pytorch-ood 0.4's ``NACUE`` run on the same model and images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from larex.extraction.hooks import LayerNotFoundError
+from larex.extraction.module import FeatureExtractor
+from larex.metrics import auroc
+from larex.models.small_cnn import SmallCNN
+from larex.postprocessors.base import FeatureError, MissingFeatureError
+from larex.postprocessors.nac import NACUE, bin_indices, geometric_edges
+from larex.stages.extract import build_extractor
+
+ALPHA = 1e5  # steep enough that the states of a random-init net are spread over (0, 1), not all ~0.5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: threads only add contention (and run-to-run noise)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cnn(seed: int = 0, num_classes: int = 5) -> SmallCNN:
+    torch.manual_seed(seed)
+    model = SmallCNN(in_channels=1, num_classes=num_classes, width=8)
+    for m in model.modules():  # non-trivial BN statistics, so train mode would differ from eval
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def _manual_forward(model: SmallCNN, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SmallCNN's eval forward written out without in-place ops, returning the NAC layers' outputs."""
+    out = {}
+    h = out["block1.1"] = model.block1[1](model.block1[0](x))  # BN output (followed by ReLU(inplace=True))
+    h = model.block1[3](F.relu(h))
+    h = out["block2"] = model.block2(h)
+    h = out["block3"] = model.block3(h)  # DropBlock is the identity in eval mode
+    return model.fc(h.mean(dim=(2, 3))), out
+
+
+def _reference_states(model: SmallCNN, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+    """Paper definition, one sample at a time: sigmoid(alpha * mean_hw(z * dKL(u || p)/dz))."""
+    model.eval()
+    rows = {k: [] for k in layers}
+    with torch.enable_grad():
+        for i in range(x.shape[0]):
+            logits, acts = _manual_forward(model, x[i:i + 1])
+            p = torch.softmax(logits, dim=1)[0]
+            u = torch.full_like(p, 1.0 / p.numel())
+            kl = (u * (u.log() - p.log())).sum()
+            grads = torch.autograd.grad(kl, [acts[k] for k in layers])
+            for k, g in zip(layers, grads):
+                rows[k].append(torch.sigmoid(ALPHA * (acts[k] * g).mean(dim=(2, 3)))[0])
+    return {k: torch.stack(v).detach() for k, v in rows.items()}
+
+
+def _batch(n: int = 10, size: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, size, size, generator=g), torch.arange(n) % 5, torch.arange(n)
+
+
+def test_nac_states_equal_per_sample_autograd_also_inside_trainer_predict():
+    model = _cnn()
+    model.train()  # the extractor must switch to eval for the NAC pass and restore the flags
+    layers = ["block1.1", "block2", "block3"]  # block1.1 is overwritten in place by the next ReLU
+    ext = FeatureExtractor(model, hooked_layer="block3", head="fc", keys=("logits",), nac_layers=layers,
+                           nac_alpha=ALPHA)
+    x, y, idx = _batch()
+    ref = _reference_states(model, x, layers)
+    model.train()
+
+    direct = ext.predict_step((x, y, idx))
+    assert set(direct) == {"logits", "nac.block1.1", "nac.block2", "nac.block3"}
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    preds = trainer.predict(ext, DataLoader(TensorDataset(x, y, idx), batch_size=4))
+    via_trainer = {k: torch.cat([p[k] for p in preds]) for k in direct}
+
+    for k in layers:
+        got = direct[f"nac.{k}"]
+        assert got.dtype == torch.float32 and got.shape == (10, ref[k].shape[1])
+        assert got.std() > 0.01 and ((got > 0.01) & (got < 0.99)).float().mean() > 0.5  # not saturated/constant
+        torch.testing.assert_close(got, ref[k], atol=1e-5, rtol=0)
+        torch.testing.assert_close(via_trainer[f"nac.{k}"], ref[k], atol=1e-5, rtol=0)
+    torch.testing.assert_close(via_trainer["logits"], direct["logits"])
+
+
+class _Residual(nn.Module):
+    """conv -> BN, then ``h += skip`` in place (as torchvision's BasicBlock does after bn2) -> ReLU -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+    def forward(self, x, manual: bool = False):
+        z = self.bn(self.conv(x))
+        h = z + x if manual else z.add_(x)
+        h = torch.relu(h).mean(dim=(2, 3))
+        return (self.fc(h), z) if manual else self.fc(h)
+
+
+def test_nac_states_of_a_layer_modified_in_place_later():
+    model = _Residual().eval()
+    x, y, idx = _batch(n=5)
+    got = FeatureExtractor(model, hooked_layer="bn", head="fc", keys=("logits",), nac_layers=["bn"],
+                           nac_alpha=ALPHA).predict_step((x, y, idx))["nac.bn"]
+    for i in range(5):
+        logits, z = model(x[i:i + 1], manual=True)
+        kl = -torch.log_softmax(logits, dim=1).mean() - np.log(1 / 3)  # KL(u || p), u uniform on 3 classes
+        (g,) = torch.autograd.grad(kl, [z])
+        torch.testing.assert_close(got[i], torch.sigmoid(ALPHA * (z * g).mean(dim=(2, 3)))[0].detach(),
+                                   atol=1e-5, rtol=0)
+
+
+def test_extractor_nac_arguments_and_build_extractor():
+    model = _cnn()
+    with pytest.raises(LayerNotFoundError, match="blok3"):
+        FeatureExtractor(model, hooked_layer="block3", nac_layers=["blok3"])
+    with pytest.raises(ValueError, match="nac_layers"):
+        FeatureExtractor(model, hooked_layer="block3", keys=("logits", "nac.block3"))
+    with pytest.raises(ValueError, match="nac_alpha"):
+        FeatureExtractor(model, hooked_layer="block3", nac_layers=["block3"], nac_alpha=0.0)
+    cfg = OmegaConf.create({"hooked_layer": {"path": "block3", "mc_samples": 2}, "model": {"head": "fc"},
+                            "extract": {"features": ["logits"], "mc_batch": None}, "seed": 0})
+    OmegaConf.set_struct(cfg, True)  # as Hydra hands it over: the optional keys may be absent
+    assert build_extractor(cfg, model).nac_layers == ()
+    OmegaConf.set_struct(cfg, False)
+    cfg.extract.nac_layers = ["block2", "block3"]
+    cfg.extract.nac_alpha = 10.0
+    ext = build_extractor(cfg, model)
+    assert ext.nac_layers == ("block2", "block3") and ext.nac_alpha == 10.0
+    out = ext.predict_step(_batch(n=3))
+    assert set(out) == {"logits", "nac.block2", "nac.block3"}
+    assert out["nac.block2"].shape == (3, 16) and out["nac.block3"].shape == (3, 32)
+
+
+def test_bins_equal_pytorch_ood_geometric_bins():
+    from pytorch_ood.detector.nac import _bin_indices_geometric
+
+    rng = np.random.default_rng(0)
+    one = np.float32(1.0)
+    near_one = one - np.arange(300, dtype=np.float32) * np.spacing(np.float32(0.9))  # float32 steps below 1
+    states = np.concatenate([
+        rng.uniform(0, 1, 2000), 1 / (1 + np.exp(-rng.normal(0, 8, 2000))), near_one,
+        [0.0, 1e-6, 1e-7, 0.5, np.nextafter(np.float32(0.5), np.float32(0)), 1.0],
+    ]).astype(np.float32)
+    for m in (2, 10, 50, 64):
+        expected = _bin_indices_geometric(torch.from_numpy(states), m).numpy()
+        np.testing.assert_array_equal(bin_indices(states, geometric_edges(m)), expected)
+    for m in (7, 50):
+        e = geometric_edges(m)
+        assert e.shape == (m + 1,) and np.all(np.diff(e) > 0)
+        np.testing.assert_array_equal(bin_indices(e[1:], e), np.arange(m))  # bin k = (e[k], e[k+1]]: all m used
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """SmallCNN trained for a few seconds on sklearn's digits (ID), with held-out and shifted images."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    d = load_digits()
+    x = (torch.tensor(d.images / 16.0, dtype=torch.float32)[:, None] - 0.3) / 0.4
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, num_classes=10, width=8)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    model.train()
+    for _ in range(10):
+        for i in range(0, 1200, 100):
+            opt.zero_grad()
+            F.cross_entropy(model(x[i:i + 100]), y[i:i + 100]).backward()
+            opt.step()
+    model.eval()
+    test = x[1200:]
+    with torch.no_grad():
+        acc = (model(test).argmax(1) == y[1200:]).float().mean().item()
+    torch.set_num_threads(n)
+    assert acc > 0.9
+    shifted = {"inverted": 2 * test.mean() - test, "noise": torch.randn_like(test) * test.std() + test.mean()}
+    return model, x[:1200], test, shifted
+
+
+def _states(model, x, layers) -> dict[str, np.ndarray]:
+    ext = FeatureExtractor(model, hooked_layer="block3", head="fc", keys=("logits",), nac_layers=layers)
+    return {k: v.numpy() for k, v in ext.predict_step((x, torch.zeros(len(x)), torch.arange(len(x)))).items()}
+
+
+@pytest.mark.parametrize("layers", [["block3"], ["block2", "block3"]])
+def test_nacue_scores_equal_pytorch_ood(digits, layers):
+    from pytorch_ood.detector import NACUE as RefNACUE
+
+    model, fit_x, test_x, shifted = digits
+    pp = NACUE(layers=layers).fit(_states(model, fit_x, layers))
+    ref = RefNACUE(model, layers=[model.get_submodule(k) for k in layers])  # m_bins=50, alpha=100, o_star=50
+    ref.fit(DataLoader(TensorDataset(fit_x), batch_size=300))
+    for x in (test_x, shifted["noise"]):
+        ours = pp.score(_states(model, x, layers))
+        # pytorch-ood returns minus the sum over layers of the per-layer coverage; ours is the layer mean
+        theirs = -ref.predict(x).double().numpy() / len(layers)
+        assert np.ptp(ours) > 0.05
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+    for layer, counts in zip(layers, (s.counts for s in ref._stats)):
+        np.testing.assert_array_equal(pp.counts_[layer], counts.numpy())
+
+
+def test_nacue_separates_id_from_shifted_digits(digits):
+    model, fit_x, test_x, shifted = digits
+    pp = NACUE(layers=["block3"]).fit(_states(model, fit_x, ["block3"]))
+    s_id = pp.score(_states(model, test_x, ["block3"]))
+    for name, x in shifted.items():
+        assert auroc(s_id, pp.score(_states(model, x, ["block3"]))) > 0.8, name
+
+
+def test_nacue_fit_counts_valid_num_and_state_round_trip():
+    rng = np.random.default_rng(0)
+    fit = {"nac.a": rng.beta(2, 2, size=(400, 6)).astype(np.float32),
+           "nac.b": rng.beta(5, 1, size=(400, 3)).astype(np.float32)}
+    test = {k: v[:50] for k, v in fit.items()}
+    pp = NACUE(layers=["a", "b"], bins=[8, 10], o_star=[5, 20]).fit(fit)
+    assert pp.requires == ("nac.a", "nac.b")
+    # independent histogram per neuron and the coverage formula, one neuron at a time
+    expected = np.zeros(50)
+    for key, layer, m, o in (("nac.a", "a", 8, 5), ("nac.b", "b", 10, 20)):
+        e = geometric_edges(m)
+        for j in range(fit[key].shape[1]):
+            z = np.clip(fit[key][:, j], e[0], e[-1])
+            counts = np.array([np.sum((z > e[k]) & (z <= e[k + 1])) + (k == 0) * np.sum(z <= e[0])
+                               for k in range(m)])
+            np.testing.assert_array_equal(pp.counts_[layer][j], counts)
+            expected += np.minimum(counts[bin_indices(test[key][:, j], e)] / o, 1.0) / fit[key].shape[1] / 2
+    np.testing.assert_allclose(pp.score(test), expected, rtol=1e-12)
+
+    restored = NACUE(layers=["a", "b"], bins=[8, 10], o_star=[5, 20]).set_fitted_state(pp.fitted_state())
+    np.testing.assert_array_equal(restored.score(test), pp.score(test))
+
+    sub = NACUE(layers=["a"], valid_num=100, seed=3).fit(fit)
+    assert np.all(sub.counts_["a"].sum(axis=1) == 100)
+    assert not np.array_equal(sub.counts_["a"], NACUE(layers=["a"], valid_num=100, seed=4).fit(fit).counts_["a"])
+
+
+def test_nacue_missing_feature_names_extract_setting():
+    pp = NACUE(layers=["block3"])
+    with pytest.raises(MissingFeatureError) as err:
+        pp.fit({"logits": np.zeros((4, 3), dtype=np.float32)})
+    assert "'nac.block3'" in str(err.value) and "extract.nac_layers=[block3]" in str(err.value)
+    with pytest.raises(FeatureError, match=r"\[0, 1\]"):
+        pp.fit({"nac.block3": np.full((4, 3), 2.0, dtype=np.float32)})
+    with pytest.raises(ValueError, match="bins"):
+        NACUE(layers=["a", "b"], bins=[10])
