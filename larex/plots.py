@@ -28,15 +28,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def roc_plot(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray], title: str, path: str | Path) -> Path:
-    """ROC curves (ID positive) of one method against each OOD set."""
+def _roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str, path: str | Path) -> Path:
+    """One ROC curve (ID positive) per entry ``label -> (id_scores, ood_scores)``, AUROC in the legend."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
-    for name, s in ood_scores.items():
-        y = np.r_[np.ones(len(id_scores)), np.zeros(len(s))]
-        fpr, tpr, _ = roc_curve(y, np.r_[id_scores, s])
-        auc = np.trapezoid(tpr, fpr)
-        ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})")
+    for label, (ids, oods) in curves.items():
+        y = np.r_[np.ones(len(ids)), np.zeros(len(oods))]
+        fpr, tpr, _ = roc_curve(y, np.r_[ids, oods])
+        ax.plot(fpr, tpr, label=f"{label} (AUROC {np.trapezoid(tpr, fpr):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     ax.axhline(0.95, color="grey", lw=0.6, ls=":")
     ax.set(xlabel="FPR (OOD accepted)", ylabel="TPR (ID accepted)", title=title, xlim=(0, 1), ylim=(0, 1.01))
@@ -47,21 +46,14 @@ def roc_plot(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray], title:
         plt.close(fig)
 
 
+def roc_plot(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray], title: str, path: str | Path) -> Path:
+    """ROC curves of one method against each OOD set."""
+    return _roc_figure({name: (id_scores, s) for name, s in ood_scores.items()}, title, path)
+
+
 def methods_roc_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str, path: str | Path) -> Path:
     """ROC curves of several methods on one OOD set: ``curves[method] = (id_scores, ood_scores)``."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for name, (ids, oods) in curves.items():
-        y = np.r_[np.ones(len(ids)), np.zeros(len(oods))]
-        fpr, tpr, _ = roc_curve(y, np.r_[ids, oods])
-        ax.plot(fpr, tpr, label=f"{name} (AUROC {np.trapezoid(tpr, fpr):.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="FPR (OOD accepted)", ylabel="TPR (ID accepted)", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=8)
-    try:
-        return _save(fig, Path(path))
-    finally:
-        plt.close(fig)
+    return _roc_figure(curves, title, path)
 
 
 def score_histogram(scores: Mapping[str, np.ndarray], title: str, path: str | Path,

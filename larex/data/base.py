@@ -52,6 +52,19 @@ def get_targets(dataset) -> np.ndarray:
     return np.fromiter((int(dataset[i][1]) for i in range(len(dataset))), dtype=np.int64, count=len(dataset))
 
 
+class WrapsTargets(Dataset):
+    """Mixin for a wrapper that keeps its ``dataset``'s labels: ``targets`` read once, lazily."""
+
+    dataset: Dataset
+    _targets: np.ndarray | None = None
+
+    @property
+    def targets(self) -> np.ndarray:
+        if self._targets is None:
+            self._targets = get_targets(self.dataset)
+        return self._targets
+
+
 class _IndexView(Dataset):
     """A view of ``dataset`` at ``indices`` with precomputed ``targets``."""
 
@@ -165,7 +178,7 @@ def to_image_tensor(image) -> torch.Tensor:
     return image.float()
 
 
-class ModelInput(Dataset):
+class ModelInput(WrapsTargets):
     """Converts any dataset's images to the ID model's input: channels, size, normalization.
 
     Channel conversion: 1→3 repeats, 3→1 uses ITU-R BT.601 luma (0.299, 0.587, 0.114), 4→3 drops alpha.
@@ -191,13 +204,6 @@ class ModelInput(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self._luma = torch.tensor(LUMA_601, dtype=torch.float32).view(3, 1, 1)
-        self._targets: np.ndarray | None = None
-
-    @property
-    def targets(self) -> np.ndarray:
-        if self._targets is None:
-            self._targets = get_targets(self.dataset)
-        return self._targets
 
     def __len__(self) -> int:
         return len(self.dataset)

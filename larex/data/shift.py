@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from larex.data.base import get_targets
+from larex.data.base import WrapsTargets
 
 __all__ = ["gaussian_blur", "CovariateShift", "SEVERITY_TABLE"]
 
@@ -41,7 +39,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[0] if single else x
 
 
-class CovariateShift(Dataset):
+class CovariateShift(WrapsTargets):
     """``dataset`` with Gaussian blur (``blur_sigma`` px) then additive Gaussian noise (``noise_std``), clipped
     to [0, 1]. ``severity`` 1..5 picks both from :data:`SEVERITY_TABLE`; explicit values override. The noise
     of item ``i`` comes from a generator seeded with ``seed + i``. Labels are kept."""
@@ -57,13 +55,6 @@ class CovariateShift(Dataset):
         self.blur_sigma = blur_sigma
         self.noise_std = noise_std
         self.seed = int(seed)
-        self._targets: np.ndarray | None = None
-
-    @property
-    def targets(self) -> np.ndarray:
-        if self._targets is None:
-            self._targets = get_targets(self.dataset)
-        return self._targets
 
     def params(self, image_side: int) -> tuple[float, float]:
         """(blur sigma in px, noise std) used for images whose shorter side is ``image_side``."""
