@@ -44,18 +44,28 @@ def default_k(num_samples: int) -> int:
 def _kth_neighbour_distance(sorted_vals: torch.Tensor, k: int) -> torch.Tensor:
     """Distance to the k-th nearest other value, for ``[n, S, D]`` values sorted along dim 1."""
     n, s, d = sorted_vals.shape
-    neg_inf = sorted_vals.new_full((n, k, d), -float("inf"))
-    pos_inf = sorted_vals.new_full((n, k, d), float("inf"))
+    pad = sorted_vals.new_full((n, k, d), float("inf"))
     # padded[:, p + k] == sorted_vals[:, p]; out-of-range window ends give an infinite width.
-    padded = torch.cat([neg_inf, sorted_vals, pos_inf], dim=1)
+    padded = torch.cat([-pad, sorted_vals, pad], dim=1)
     best = torch.full_like(sorted_vals, float("inf"))
-    for j in range(k + 1):  # window [p - j, p - j + k]
+    for j in range(k + 1):  # window [p - j, p - j + k]; slices along dim 1 are contiguous rows of D
         width = torch.maximum(
             sorted_vals - padded[:, k - j : k - j + s],
             padded[:, 2 * k - j : 2 * k - j + s] - sorted_vals,
         )
         torch.minimum(best, width, out=best)
     return best
+
+
+def _sorted_samples(block: torch.Tensor) -> torch.Tensor:
+    """``block`` [n, S, D] sorted along S. The sort runs on the contiguous [n, D, S] layout (numpy's in-place
+    sort on CPU: ~20x faster than torch.sort along a strided dim), then returns to [n, S, D]."""
+    t = block.transpose(1, 2).contiguous()
+    if t.device.type == "cpu":
+        t.numpy().sort(axis=-1)  # in place on the shared buffer
+    else:
+        t = torch.sort(t, dim=-1).values
+    return t.transpose(1, 2).contiguous()
 
 
 def knn_entropy(
@@ -133,8 +143,7 @@ def knn_entropy(
     const = float(-digamma(k) + digamma(s))
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
-        # Keep [n_c, S, D]: slices along S are contiguous rows of D, so the window passes stay fast.
-        block, _ = torch.sort(x[start:stop].to(work_dtype), dim=1)
+        block = _sorted_samples(x[start:stop].to(work_dtype))
         dist = _kth_neighbour_distance(block, k).clamp_min_(min_dist)
         out[start:stop] = torch.log(2.0 * dist).mean(dim=1) + const
     return out

@@ -1,8 +1,10 @@
-"""NAC-UE (Liu et al., ICLR 2024): the extractor's ``nac.<layer>`` neuron states and the NACUE postprocessor.
+"""NAC-UE (Liu et al., ICLR 2024): the extractor's raw ``nac.<layer>`` statistics and the NACUE postprocessor.
 
-References: the states are checked against a per-sample autograd loop written here from the paper's
-definition; the scores against pytorch-ood 0.4's ``NACUE`` run on the same model and images."""
+References: the statistics are checked against a per-sample autograd loop written here from the paper's
+definition; the scores (fixed alpha) against pytorch-ood 0.4's ``NACUE`` run on the same model and images."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from larex.extraction.hooks import LayerNotFoundError
 from larex.extraction.module import FeatureExtractor
 from larex.metrics import auroc
 from larex.models.small_cnn import SmallCNN
-from larex.postprocessors.base import FeatureError, MissingFeatureError
+from larex.postprocessors.base import MissingFeatureError
 from larex.postprocessors.nac import NACUE, bin_indices, geometric_edges
 from larex.stages.extract import build_extractor
 
@@ -53,8 +55,8 @@ def _manual_forward(model: SmallCNN, x: torch.Tensor) -> tuple[torch.Tensor, dic
     return model.fc(h.mean(dim=(2, 3))), out
 
 
-def _reference_states(model: SmallCNN, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
-    """Paper definition, one sample at a time: sigmoid(alpha * mean_hw(z * dKL(u || p)/dz))."""
+def _reference_raw(model: SmallCNN, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+    """Paper definition, one sample at a time: mean_hw(z * dKL(u || p)/dz) (before the sigmoid)."""
     model.eval()
     rows = {k: [] for k in layers}
     with torch.enable_grad():
@@ -65,7 +67,7 @@ def _reference_states(model: SmallCNN, x: torch.Tensor, layers: list[str]) -> di
             kl = (u * (u.log() - p.log())).sum()
             grads = torch.autograd.grad(kl, [acts[k] for k in layers])
             for k, g in zip(layers, grads):
-                rows[k].append(torch.sigmoid(ALPHA * (acts[k] * g).mean(dim=(2, 3)))[0])
+                rows[k].append((acts[k] * g).mean(dim=(2, 3))[0])
     return {k: torch.stack(v).detach() for k, v in rows.items()}
 
 
@@ -74,14 +76,13 @@ def _batch(n: int = 10, size: int = 16, seed: int = 1):
     return torch.randn(n, 1, size, size, generator=g), torch.arange(n) % 5, torch.arange(n)
 
 
-def test_nac_states_equal_per_sample_autograd_also_inside_trainer_predict():
+def test_nac_statistics_equal_per_sample_autograd_also_inside_trainer_predict():
     model = _cnn()
     model.train()  # the extractor must switch to eval for the NAC pass and restore the flags
     layers = ["block1.1", "block2", "block3"]  # block1.1 is overwritten in place by the next ReLU
-    ext = FeatureExtractor(model, hooked_layer="block3", head="fc", keys=("logits",), nac_layers=layers,
-                           nac_alpha=ALPHA)
+    ext = FeatureExtractor(model, hooked_layer="block3", head="fc", keys=("logits",), nac_layers=layers)
     x, y, idx = _batch()
-    ref = _reference_states(model, x, layers)
+    ref = _reference_raw(model, x, layers)
     model.train()
 
     direct = ext.predict_step((x, y, idx))
@@ -94,11 +95,13 @@ def test_nac_states_equal_per_sample_autograd_also_inside_trainer_predict():
     via_trainer = {k: torch.cat([p[k] for p in preds]) for k in direct}
 
     for k in layers:
-        got = direct[f"nac.{k}"]
+        got, scale = direct[f"nac.{k}"], ref[k].abs().max().item()
         assert got.dtype == torch.float32 and got.shape == (10, ref[k].shape[1])
-        assert got.std() > 0.01 and ((got > 0.01) & (got < 0.99)).float().mean() > 0.5  # not saturated/constant
-        torch.testing.assert_close(got, ref[k], atol=1e-5, rtol=0)
-        torch.testing.assert_close(via_trainer[f"nac.{k}"], ref[k], atol=1e-5, rtol=0)
+        states = torch.sigmoid(ALPHA * got)  # raw, no sigmoid applied: spread over (0, 1) at this alpha
+        assert states.std() > 0.01 and ((states > 0.01) & (states < 0.99)).float().mean() > 0.5
+        torch.testing.assert_close(got, ref[k], atol=1e-5 * scale, rtol=1e-4)
+        torch.testing.assert_close(via_trainer[f"nac.{k}"], ref[k], atol=1e-5 * scale, rtol=1e-4)
+        torch.testing.assert_close(states, torch.sigmoid(ALPHA * ref[k]), atol=1e-5, rtol=0)
     torch.testing.assert_close(via_trainer["logits"], direct["logits"])
 
 
@@ -117,17 +120,17 @@ class _Residual(nn.Module):
         return (self.fc(h), z) if manual else self.fc(h)
 
 
-def test_nac_states_of_a_layer_modified_in_place_later():
+def test_nac_statistics_of_a_layer_modified_in_place_later():
     model = _Residual().eval()
     x, y, idx = _batch(n=5)
-    got = FeatureExtractor(model, hooked_layer="bn", head="fc", keys=("logits",), nac_layers=["bn"],
-                           nac_alpha=ALPHA).predict_step((x, y, idx))["nac.bn"]
+    got = FeatureExtractor(model, hooked_layer="bn", head="fc", keys=("logits",),
+                           nac_layers=["bn"]).predict_step((x, y, idx))["nac.bn"]
     for i in range(5):
         logits, z = model(x[i:i + 1], manual=True)
         kl = -torch.log_softmax(logits, dim=1).mean() - np.log(1 / 3)  # KL(u || p), u uniform on 3 classes
         (g,) = torch.autograd.grad(kl, [z])
-        torch.testing.assert_close(got[i], torch.sigmoid(ALPHA * (z * g).mean(dim=(2, 3)))[0].detach(),
-                                   atol=1e-5, rtol=0)
+        ref = (z * g).mean(dim=(2, 3))[0].detach()
+        torch.testing.assert_close(got[i], ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-4)
 
 
 def test_extractor_nac_arguments_and_build_extractor():
@@ -136,17 +139,14 @@ def test_extractor_nac_arguments_and_build_extractor():
         FeatureExtractor(model, hooked_layer="block3", nac_layers=["blok3"])
     with pytest.raises(ValueError, match="nac_layers"):
         FeatureExtractor(model, hooked_layer="block3", keys=("logits", "nac.block3"))
-    with pytest.raises(ValueError, match="nac_alpha"):
-        FeatureExtractor(model, hooked_layer="block3", nac_layers=["block3"], nac_alpha=0.0)
     cfg = OmegaConf.create({"hooked_layer": {"path": "block3", "mc_samples": 2}, "model": {"head": "fc"},
                             "extract": {"features": ["logits"], "mc_batch": None}, "seed": 0})
     OmegaConf.set_struct(cfg, True)  # as Hydra hands it over: the optional keys may be absent
     assert build_extractor(cfg, model).nac_layers == ()
     OmegaConf.set_struct(cfg, False)
     cfg.extract.nac_layers = ["block2", "block3"]
-    cfg.extract.nac_alpha = 10.0
     ext = build_extractor(cfg, model)
-    assert ext.nac_layers == ("block2", "block3") and ext.nac_alpha == 10.0
+    assert ext.nac_layers == ("block2", "block3")
     out = ext.predict_step(_batch(n=3))
     assert set(out) == {"logits", "nac.block2", "nac.block3"}
     assert out["nac.block2"].shape == (3, 16) and out["nac.block3"].shape == (3, 32)
@@ -200,21 +200,21 @@ def digits():
     return model, x[:1200], test, shifted
 
 
-def _states(model, x, layers) -> dict[str, np.ndarray]:
+def _raw(model, x, layers) -> dict[str, np.ndarray]:
     ext = FeatureExtractor(model, hooked_layer="block3", head="fc", keys=("logits",), nac_layers=layers)
     return {k: v.numpy() for k, v in ext.predict_step((x, torch.zeros(len(x)), torch.arange(len(x)))).items()}
 
 
-@pytest.mark.parametrize("layers", [["block3"], ["block2", "block3"]])
-def test_nacue_scores_equal_pytorch_ood(digits, layers):
+@pytest.mark.parametrize("layers,alpha", [(["block3"], 100.0), (["block2", "block3"], [300.0, 100.0])])
+def test_nacue_scores_equal_pytorch_ood_at_a_fixed_alpha(digits, layers, alpha):
     from pytorch_ood.detector import NACUE as RefNACUE
 
     model, fit_x, test_x, shifted = digits
-    pp = NACUE(layers=layers).fit(_states(model, fit_x, layers))
-    ref = RefNACUE(model, layers=[model.get_submodule(k) for k in layers])  # m_bins=50, alpha=100, o_star=50
+    pp = NACUE(layers=layers, alpha=alpha).fit(_raw(model, fit_x, layers))  # ours: raw statistics + alpha
+    ref = RefNACUE(model, layers=[model.get_submodule(k) for k in layers], alpha=alpha)  # m_bins=50, o_star=50
     ref.fit(DataLoader(TensorDataset(fit_x), batch_size=300))
     for x in (test_x, shifted["noise"]):
-        ours = pp.score(_states(model, x, layers))
+        ours = pp.score(_raw(model, x, layers))
         # pytorch-ood returns minus the sum over layers of the per-layer coverage; ours is the layer mean
         theirs = -ref.predict(x).double().numpy() / len(layers)
         assert np.ptp(ours) > 0.05
@@ -223,47 +223,85 @@ def test_nacue_scores_equal_pytorch_ood(digits, layers):
         np.testing.assert_array_equal(pp.counts_[layer], counts.numpy())
 
 
-def test_nacue_separates_id_from_shifted_digits(digits):
+def test_nacue_auto_alpha_gives_varying_scores_that_separate_shifted_digits(digits):
     model, fit_x, test_x, shifted = digits
-    pp = NACUE(layers=["block3"]).fit(_states(model, fit_x, ["block3"]))
-    s_id = pp.score(_states(model, test_x, ["block3"]))
+    fit = _raw(model, fit_x, ["block3"])
+    pp = NACUE(layers=["block3"]).fit(fit)  # alpha="auto" is the default
+    raw = fit["nac.block3"].astype(np.float64)
+    median = np.median(np.abs(raw[raw != 0]))
+    assert pp.alpha_["block3"] == pytest.approx(math.log(19) / median, rel=1e-12)
+    # definition: the median non-zero |statistic| maps to state 0.95 (or 0.05)
+    states = 1 / (1 + np.exp(-pp.alpha_["block3"] * raw[raw != 0]))
+    assert np.median(np.abs(states - 0.5)) == pytest.approx(0.45, abs=1e-3)
+    s_id = pp.score(_raw(model, test_x, ["block3"]))
+    assert np.ptp(s_id) > 0.2 and len(np.unique(s_id)) > 50
     for name, x in shifted.items():
-        assert auroc(s_id, pp.score(_states(model, x, ["block3"]))) > 0.8, name
+        assert auroc(s_id, pp.score(_raw(model, x, ["block3"]))) > 0.8, name
+
+
+def test_nacue_refuses_degenerate_states(digits):
+    model, fit_x, _, _ = digits
+    fit = _raw(model, fit_x, ["block2", "block3"])
+    with pytest.raises(ValueError, match=r"'block3'.*next to 0\.5.*larger alpha"):
+        NACUE(layers=["block2", "block3"], alpha=[100.0, 1e-3]).fit(fit)  # all states ~0.5: one score for all
+    rng = np.random.default_rng(0)
+    positive = {"nac.a": rng.uniform(1e-3, 2e-3, size=(200, 4)).astype(np.float32)}
+    positive["nac.a"][:32, 0] = 0  # 4% exact zeros (state 0.5): sign-only bins hold 4% + 96% of the states
+    with pytest.raises(ValueError, match=r"'a'.* 4\.00% .*next to 0\.5 and 96\.00% .*end bins.*smaller alpha"):
+        NACUE(layers=["a"], alpha=1e6).fit(positive)  # every other state 1.0
+    assert NACUE(layers=["a"]).fit(positive).alpha_["a"] < 1e6  # auto is fine on the same data
+    constant = {"nac.a": np.tile(np.linspace(-2e-3, 2e-3, 6, dtype=np.float32), (200, 1))}
+    with pytest.raises(ValueError, match=r"'a'.*single bin.*barely varies"):
+        NACUE(layers=["a"]).fit(constant)
+    with pytest.raises(ValueError, match=r"'a'.*gradients vanish"):
+        NACUE(layers=["a"]).fit({"nac.a": np.zeros((50, 4), dtype=np.float32)})
 
 
 def test_nacue_fit_counts_valid_num_and_state_round_trip():
     rng = np.random.default_rng(0)
-    fit = {"nac.a": rng.beta(2, 2, size=(400, 6)).astype(np.float32),
-           "nac.b": rng.beta(5, 1, size=(400, 3)).astype(np.float32)}
+    alpha = {"a": 100.0, "b": 10.0}  # u = alpha * raw ~ N(0, 6) and N(2, 4): states over all bins
+    fit = {"nac.a": (rng.normal(0, 6, size=(400, 6)) / 100).astype(np.float32),
+           "nac.b": (rng.normal(2, 4, size=(400, 3)) / 10).astype(np.float32)}
     test = {k: v[:50] for k, v in fit.items()}
-    pp = NACUE(layers=["a", "b"], bins=[8, 10], o_star=[5, 20]).fit(fit)
-    assert pp.requires == ("nac.a", "nac.b")
-    # independent histogram per neuron and the coverage formula, one neuron at a time
+    pp = NACUE(layers=["a", "b"], alpha=[100, 10], bins=[8, 10], o_star=[5, 20]).fit(fit)
+    assert pp.requires == ("nac.a", "nac.b") and pp.alpha_ == alpha
+    # independent states, histogram per neuron and coverage formula, one neuron at a time
     expected = np.zeros(50)
     for key, layer, m, o in (("nac.a", "a", 8, 5), ("nac.b", "b", 10, 20)):
-        e = geometric_edges(m)
+        e = geometric_edges(m).astype(np.float64)
+        states = 1 / (1 + np.exp(-alpha[layer] * fit[key].astype(np.float64)))
         for j in range(fit[key].shape[1]):
-            z = np.clip(fit[key][:, j], e[0], e[-1])
+            z = np.clip(states[:, j], e[0], e[-1])
             counts = np.array([np.sum((z > e[k]) & (z <= e[k + 1])) + (k == 0) * np.sum(z <= e[0])
                                for k in range(m)])
             np.testing.assert_array_equal(pp.counts_[layer][j], counts)
-            expected += np.minimum(counts[bin_indices(test[key][:, j], e)] / o, 1.0) / fit[key].shape[1] / 2
+            assert np.count_nonzero(counts) >= m - 2  # the states use (nearly) every bin
+            expected += np.minimum(counts[bin_indices(states[:50, j], e)] / o, 1.0) / fit[key].shape[1] / 2
     np.testing.assert_allclose(pp.score(test), expected, rtol=1e-12)
 
-    restored = NACUE(layers=["a", "b"], bins=[8, 10], o_star=[5, 20]).set_fitted_state(pp.fitted_state())
+    state = pp.fitted_state()
+    assert state["alpha.a"].tolist() == [100.0] and state["alpha.b"].tolist() == [10.0]
+    restored = NACUE(layers=["a", "b"], bins=[8, 10], o_star=[5, 20]).set_fitted_state(state)  # alpha "auto"
+    assert restored.alpha_ == alpha
     np.testing.assert_array_equal(restored.score(test), pp.score(test))
+    with pytest.raises(ValueError, match="alpha.b"):
+        NACUE(layers=["a", "b"], bins=[8, 10]).set_fitted_state({k: v for k, v in state.items() if k != "alpha.b"})
 
-    sub = NACUE(layers=["a"], valid_num=100, seed=3).fit(fit)
+    sub = NACUE(layers=["a"], valid_num=100, seed=3).fit(fit)  # auto alpha, from the same 100 rows
+    rows = np.sort(np.random.default_rng(3).choice(400, 100, replace=False))
+    assert sub.alpha_["a"] == pytest.approx(math.log(19) / np.median(np.abs(fit["nac.a"][rows])), rel=1e-12)
     assert np.all(sub.counts_["a"].sum(axis=1) == 100)
     assert not np.array_equal(sub.counts_["a"], NACUE(layers=["a"], valid_num=100, seed=4).fit(fit).counts_["a"])
 
 
-def test_nacue_missing_feature_names_extract_setting():
+def test_nacue_missing_feature_and_bad_arguments():
     pp = NACUE(layers=["block3"])
     with pytest.raises(MissingFeatureError) as err:
         pp.fit({"logits": np.zeros((4, 3), dtype=np.float32)})
     assert "'nac.block3'" in str(err.value) and "extract.nac_layers=[block3]" in str(err.value)
-    with pytest.raises(FeatureError, match=r"\[0, 1\]"):
-        pp.fit({"nac.block3": np.full((4, 3), 2.0, dtype=np.float32)})
     with pytest.raises(ValueError, match="bins"):
         NACUE(layers=["a", "b"], bins=[10])
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "Auto", [1.0], [1.0, "x"]):
+        with pytest.raises(ValueError, match="alpha"):
+            NACUE(layers=["a", "b"], alpha=bad)
+    assert NACUE(layers=["a", "b"], alpha=["auto", 5]).alpha == ["auto", 5.0]

@@ -39,9 +39,9 @@ def synthetic(seed: int, shift: float = 0.0, n: int = N, requires: tuple[str, ..
         "head.weight": w.astype(np.float32),
         "head.bias": np.zeros(C, dtype=np.float32),
     }
-    for k in requires:  # NAC neuron states (sigmoid outputs) of whichever layers the method names
+    for k in requires:  # raw NAC neuron statistics (any real numbers) of whichever layers the method names
         if k.startswith("nac."):
-            feats[k] = rng.uniform(0.01, 0.99, size=(n, 8)).astype(np.float32)
+            feats[k] = rng.normal(0, 1e-3, size=(n, 8)).astype(np.float32)
     return feats
 
 

@@ -1,7 +1,6 @@
 """LightningModule that extracts the LaREx feature set (latent, logits, mc_logits, ...) per batch."""
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -17,7 +16,7 @@ from larex.extraction.mc import REDUCTIONS, check_overrides, eval_mode, mc_mode,
 
 KNOWN_KEYS = ("latent", "logits", "mc_logits", "penultimate", "labels")
 NAC_PREFIX = "nac."
-"""Key family ``nac.<layer path>``: NAC neuron states of the layers in ``FeatureExtractor(nac_layers=...)``."""
+"""Key family ``nac.<layer path>``: raw NAC neuron statistics of the layers in ``FeatureExtractor(nac_layers=...)``."""
 SEED_STRIDE = 1_000_003
 
 
@@ -70,10 +69,11 @@ class FeatureExtractor(pl.LightningModule):
       of those passes.
     * ``labels`` [B] int64.
     * ``nac.<layer path>`` [B, D] float32 for every layer in ``nac_layers`` (returned in addition to
-      ``keys``): NAC neuron states (Liu et al., ICLR 2024) ``sigmoid(nac_alpha * reduce(z * dKL/dz))``,
-      z the layer output, KL = KL(uniform || softmax(logits)), ``reduce`` as for ``latent`` (conv maps ->
-      per-channel spatial mean of the product, before the sigmoid, as pytorch-ood's ``NACUE``). One
-      forward + backward in eval mode, with gradients enabled even inside ``Trainer.predict``.
+      ``keys``): the raw NAC neuron statistic (Liu et al., ICLR 2024) ``reduce(z * dKL/dz)``, z the layer
+      output, KL = KL(uniform || softmax(logits)), ``reduce`` as for ``latent`` (conv maps -> per-channel
+      spatial mean of the product, as pytorch-ood's ``NACUE``). No sigmoid: the steepness alpha is a
+      hyperparameter of the ``nac_ue`` postprocessor, which computes the states ``sigmoid(alpha * raw)``.
+      One forward + backward in eval mode, with gradients enabled even inside ``Trainer.predict``.
 
     The S passes run as one forward on the batch repeated S times (row ``b*S + s`` is sample b, pass
     s), split into chunks of at most ``mc_batch`` rows; by default (``share_prefix``) the layers before
@@ -99,21 +99,20 @@ class FeatureExtractor(pl.LightningModule):
             layer's input S times (exact: nothing before it is stochastic). Falls back to S full passes,
             with a warning, for models where later layers reuse earlier activations (e.g. a skip
             connection around the dropout layer).
-        nac_layers: dotted paths of the layers whose NAC states become ``nac.<path>`` (empty = none).
-        nac_alpha: sigmoid steepness of the NAC states (pytorch-ood's default 100).
+        nac_layers: dotted paths of the layers whose NAC statistics become ``nac.<path>`` (empty = none).
     """
 
     def __init__(self, model: nn.Module, hooked_layer: str, head: str | None = "fc",
                  mc_samples: int = 16, keys: Sequence[str] = KNOWN_KEYS, seed: int = 0,
                  drop_prob: float | None = None, block_size: int | None = None,
                  mc_batch: int | None = None, reduction: str = "auto", share_prefix: bool = True,
-                 nac_layers: Sequence[str] = (), nac_alpha: float = 100.0) -> None:
+                 nac_layers: Sequence[str] = ()) -> None:
         super().__init__()
         keys = (keys,) if isinstance(keys, str) else tuple(keys)
         unknown = [k for k in keys if k not in KNOWN_KEYS]
         nac_keys = [k for k in unknown if isinstance(k, str) and k.startswith(NAC_PREFIX)]
         if nac_keys:
-            raise ValueError(f"FeatureExtractor keys {nac_keys}: NAC states are not requested through keys; "
+            raise ValueError(f"FeatureExtractor keys {nac_keys}: NAC statistics are not requested through keys; "
                              f"pass nac_layers={[k[len(NAC_PREFIX):] for k in nac_keys]} (extract.nac_layers) "
                              "instead")
         if unknown or not keys:
@@ -145,9 +144,6 @@ class FeatureExtractor(pl.LightningModule):
             resolve_module(model, path)
         if len(set(nac_layers)) != len(nac_layers):
             raise ValueError(f"FeatureExtractor nac_layers {list(nac_layers)} lists a layer twice; list each once")
-        if isinstance(nac_alpha, bool) or not isinstance(nac_alpha, (int, float)) \
-                or not (math.isfinite(nac_alpha) and nac_alpha > 0):
-            raise ValueError(f"FeatureExtractor nac_alpha must be a positive finite number; got {nac_alpha!r}")
         self.model = model
         self.hooked_layer = hooked_layer
         self.head = head
@@ -160,7 +156,6 @@ class FeatureExtractor(pl.LightningModule):
         self.reduction = reduction
         self.share_prefix = share_prefix
         self.nac_layers = nac_layers
-        self.nac_alpha = float(nac_alpha)
         self._prefix_ok: bool | None = None  # None: not tried yet
         self._checked_variation = False
 
@@ -198,7 +193,7 @@ class FeatureExtractor(pl.LightningModule):
         return {k: out[k] for k in (*self.keys, *(NAC_PREFIX + p for p in self.nac_layers))}
 
     def _nac(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``nac.<path>`` [B, D]: NAC states of ``nac_layers`` from one eval-mode forward + backward.
+        """``nac.<path>`` [B, D]: raw NAC statistics of ``nac_layers`` from one eval-mode forward + backward.
 
         Lightning predicts under ``torch.inference_mode``, whose tensors cannot enter autograd: the input is
         cloned with inference mode switched off and gradients enabled. The loss is the sum over the batch
@@ -244,7 +239,7 @@ class FeatureExtractor(pl.LightningModule):
                     raise RuntimeError(f"the logits do not depend on NAC layer {path!r}; choose a layer on the "
                                        "path from the input to the logits")
                 prod = reduce_activation(z.detach() * g, self.reduction)  # spatial mean of z * dKL/dz
-                res[NAC_PREFIX + path] = torch.sigmoid(self.nac_alpha * prod).float().cpu()
+                res[NAC_PREFIX + path] = prod.float().cpu()
         return res
 
     def _deterministic(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,20 +1,33 @@
 """NAC-UE: Neuron Activation Coverage for OOD detection (Liu et al., ICLR 2024).
 
-The neuron states ``nac.<layer>`` [N, D] in [0, 1] are computed by ``larex-extract`` (they need a backward
-pass): ``sigmoid(alpha * mean_spatial(z * dKL(u || softmax)/dz))`` for every layer listed in
-``extract.nac_layers``. This module only builds the coverage histograms and scores.
+``larex-extract`` writes the raw neuron statistic ``nac.<layer>`` [N, D] = ``mean_spatial(z * dKL(u ||
+softmax)/dz)`` for every layer listed in ``extract.nac_layers`` (it needs a backward pass). This module turns
+it into the neuron states ``sigmoid(alpha * raw)`` (alpha per layer: given, or chosen from the fit split),
+builds the coverage histograms and scores.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
-from larex.postprocessors.base import FeatureError, FeatureSet, MissingFeatureError, Postprocessor
+from larex.postprocessors.base import FeatureSet, MissingFeatureError, Postprocessor
 
 EPS = 1e-6
 """States are clamped to [EPS, 1 - EPS] before binning (pytorch-ood)."""
+
+AUTO_LOGIT = math.log(19.0)
+"""``alpha="auto"``: alpha * (median |raw|) = log(19), i.e. the median neuron maps to sigmoid 0.05 or 0.95."""
+
+FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+SIGN_ONLY_FRACTION = 0.95
+"""``fit`` refuses a layer with more than this fraction of its fit states in the bins that only tell the
+statistic's sign: the two next to 0.5 (alpha too small) and the two end bins (alpha too large)."""
+DEGENERATE_FRACTION = 0.99
+"""``fit`` refuses a layer whose neurons put on average more than this fraction of their fit states in one bin."""
 
 
 def geometric_edges(m: int) -> np.ndarray:
@@ -52,6 +65,7 @@ def bin_indices(states: np.ndarray, edges: np.ndarray) -> np.ndarray:
 class NACUE(Postprocessor):
     """NAC-UE score: the average neuron coverage of a sample, averaged over layers.
 
+    States: ``s = sigmoid(alpha * raw)`` (float32, as pytorch-ood) for the raw ``nac.<layer>`` statistic.
     Fit: for every layer and neuron j, a histogram ``count_j[k]`` of the fit split's states over M
     geometric bins (dense near 0 and 1). Score of x with state ``s_j`` in bin ``k_j``::
 
@@ -60,24 +74,37 @@ class NACUE(Postprocessor):
     (higher = more ID). pytorch-ood's ``NACUE.predict`` returns minus the *sum* over layers; the layer mean
     here equals that up to the factor ``-1 / len(layers)`` (the authors' code also averages over layers).
 
+    ``alpha="auto"`` sets, per layer, ``alpha = log(19) / s`` with s the median of the non-zero ``|raw|`` over
+    the fit samples and neurons: the typical neuron then lands at state 0.05 / 0.95, so the states spread
+    over the bins between 0.5 and the dense ends instead of piling up at 0.5 (too small an alpha: every
+    sample in one bin, constant scores) or at 0 and 1 (too large). The median is robust to the heavy tails of
+    the statistic, and zeros (dead ReLU channels: z = 0) are excluded so they cannot drive s to 0. The raw
+    statistic's scale differs by orders of magnitude between models and layers (the paper tunes alpha per
+    layer); this uses the ID fit split only, never OOD data.
+
     Args:
         layers: layer paths whose ``nac.<layer>`` features are used; the same list must be given to
             ``extract.nac_layers``.
+        alpha: sigmoid steepness: ``"auto"`` (above), a positive number, or one positive number per layer.
         bins: M, bins per neuron (one int, or one per layer). Default 50 (pytorch-ood).
         o_star: O*, the count that gives a bin full coverage (one int, or one per layer). Default 50
             (pytorch-ood).
-        valid_num: build the histograms from this many fit samples (a seeded random subset; None or a
-            number >= the fit size = all), the paper's ``valid_num``. O* is an absolute count, so it should
-            be chosen together with the number of samples.
+        valid_num: build the histograms (and choose ``"auto"`` alpha) from this many fit samples (a seeded
+            random subset; None or a number >= the fit size = all), the paper's ``valid_num``. O* is an
+            absolute count, so it should be chosen together with the number of samples.
         seed: seed of that subset.
 
-    Fitted: ``counts_[layer]`` int64 [D, M].
+    Fitted: ``alpha_[layer]`` float, ``counts_[layer]`` int64 [D, M]. ``fit`` raises ``ValueError`` naming
+    the layer and the fix when its fit states are degenerate (nearly constant scores): more than 95% of them
+    in the bins that only tell the statistic's sign, the two next to 0.5 (alpha too small) and the two end
+    bins (alpha too large), or more than 99% in each neuron's single most filled bin.
     """
 
     name = "nac_ue"
 
-    def __init__(self, layers: Sequence[str] = ("block3",), bins: int | Sequence[int] = 50,
-                 o_star: int | Sequence[int] = 50, valid_num: int | None = None, seed: int = 0) -> None:
+    def __init__(self, layers: Sequence[str] = ("block3",), alpha: str | float | Sequence[float] = "auto",
+                 bins: int | Sequence[int] = 50, o_star: int | Sequence[int] = 50, valid_num: int | None = None,
+                 seed: int = 0) -> None:
         if isinstance(layers, str):
             layers = [layers]
         layers = list(layers)
@@ -85,6 +112,7 @@ class NACUE(Postprocessor):
             raise ValueError(f"nac_ue: layers must be a non-empty list of distinct layer paths such as "
                              f"['block3']; got {layers!r}")
         self.layers = layers
+        self.alpha = _check_alpha(alpha, len(layers))
         self.bins = _per_layer_ints(bins, "bins", len(layers), low=2)
         self.o_star = _per_layer_ints(o_star, "o_star", len(layers), low=1)
         if valid_num is not None and (isinstance(valid_num, bool) or not isinstance(valid_num, numbers.Integral)
@@ -106,61 +134,135 @@ class NACUE(Postprocessor):
 
     def check_features(self, feats: FeatureSet, *, split: str = "input",
                        shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
-        """As :meth:`Postprocessor.check_features`, plus: a missing ``nac.<layer>`` names the
-        ``extract.nac_layers`` setting that produces it, and states must lie in [0, 1]."""
+        """As :meth:`Postprocessor.check_features`; a missing ``nac.<layer>`` names the ``extract.nac_layers``
+        setting that produces it."""
         if isinstance(feats, Mapping):
             missing = [k for k in self.requires if k not in feats]
             if missing:
                 raise MissingFeatureError(
                     f"{self.name} needs feature(s) {missing} in the {split} split, which has {sorted(feats)}. "
-                    "NAC neuron states need a backward pass, so larex-extract writes them only for the layers "
-                    f"in extract.nac_layers: rerun larex-extract with extract.nac_layers=[{','.join(self.layers)}]"
-                    f" (the same layers as {self.name}.layers)."
+                    "NAC neuron statistics need a backward pass, so larex-extract writes them only for the "
+                    f"layers in extract.nac_layers: rerun larex-extract with extract.nac_layers="
+                    f"[{','.join(self.layers)}] (the same layers as {self.name}.layers)."
                 )
-        arrays = super().check_features(feats, split=split, shapes=shapes)
-        for key, arr in arrays.items():
-            if arr.min() < 0 or arr.max() > 1:
-                raise FeatureError(
-                    f"{self.name}: feature {key!r} of the {split} split has values in [{arr.min():g}, "
-                    f"{arr.max():g}]; NAC states are sigmoid outputs in [0, 1]: use the nac.<layer> features "
-                    "written by larex-extract"
-                )
-        return arrays
+        return super().check_features(feats, split=split, shapes=shapes)
+
+    def states(self, raw: np.ndarray, alpha: float) -> np.ndarray:
+        """Neuron states ``sigmoid(alpha * raw)`` as float32, computed exactly as pytorch-ood does (float32
+        torch ops), so that states on a bin edge fall on the same side."""
+        t = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
+        return torch.sigmoid(alpha * t).numpy()
 
     def _fit(self, arrays: dict[str, np.ndarray], val: dict[str, np.ndarray] | None) -> None:
         n = arrays[self.requires[0]].shape[0]
         rows = slice(None)
         if self.valid_num is not None and self.valid_num < n:
             rows = np.sort(np.random.default_rng(self.seed).choice(n, self.valid_num, replace=False))
-        self.counts_ = {}
-        for layer, key, m in zip(self.layers, self.requires, self._layer_bins()):
-            idx = bin_indices(arrays[key][rows], geometric_edges(m))  # [n, D]
+        alphas = self.alpha if isinstance(self.alpha, list) else [self.alpha] * len(self.layers)
+        self.alpha_, self.counts_ = {}, {}
+        for layer, key, m, a in zip(self.layers, self.requires, self._layer_bins(), alphas):
+            raw = arrays[key][rows]
+            a = _auto_alpha(raw, layer) if a == "auto" else float(a)
+            idx = bin_indices(self.states(raw, a), geometric_edges(m))  # [n, D]
             d = idx.shape[1]
             flat = (np.arange(d) * m + idx).ravel()
-            self.counts_[layer] = np.bincount(flat, minlength=d * m).reshape(d, m).astype(np.int64)
+            counts = np.bincount(flat, minlength=d * m).reshape(d, m).astype(np.int64)
+            _check_spread(counts, float(np.mean(raw == 0)), layer, a, m)
+            self.alpha_[layer], self.counts_[layer] = a, counts
 
     def _score(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         total = 0.0
         for layer, key, m, o in zip(self.layers, self.requires, self._layer_bins(), self._layer_o_star()):
             counts = self.counts_[layer]
-            idx = bin_indices(arrays[key], geometric_edges(m))  # [N, D]
+            idx = bin_indices(self.states(arrays[key], self.alpha_[layer]), geometric_edges(m))  # [N, D]
             hits = counts[np.arange(counts.shape[0])[None, :], idx]  # [N, D]: fit count of each state's bin
             total = total + np.minimum(hits / float(o), 1.0).mean(axis=1)
         return total / len(self.layers)
 
     def _fitted_state(self) -> dict[str, np.ndarray]:
-        return {f"counts.{layer}": c for layer, c in self.counts_.items()}
+        state = {f"counts.{layer}": c for layer, c in self.counts_.items()}
+        state.update({f"alpha.{layer}": np.array([a], dtype=np.float64) for layer, a in self.alpha_.items()})
+        return state
 
     def _set_fitted_state(self, state: dict[str, np.ndarray]) -> None:
-        want = {f"counts.{layer}": m for layer, m in zip(self.layers, self._layer_bins())}
-        if set(state) != set(want):
+        want = {f"counts.{layer}" for layer in self.layers} | {f"alpha.{layer}" for layer in self.layers}
+        if set(state) != want:
             raise ValueError(f"NACUE state needs exactly {sorted(want)}, got {sorted(state)}; restore it into an "
                              "instance built with the same layers")
-        for key, m in want.items():
-            c = np.asarray(state[key])
+        alpha_ = {}
+        for layer, m in zip(self.layers, self._layer_bins()):
+            c = np.asarray(state[f"counts.{layer}"])
             if c.ndim != 2 or c.shape[1] != m:
-                raise ValueError(f"NACUE state {key!r} has shape {c.shape}; expected [D, {m}] (bins={m})")
+                raise ValueError(f"NACUE state 'counts.{layer}' has shape {c.shape}; expected [D, {m}] (bins={m})")
+            a = np.asarray(state[f"alpha.{layer}"], dtype=np.float64).reshape(-1)
+            if a.shape != (1,) or not (np.isfinite(a[0]) and a[0] > 0):
+                raise ValueError(f"NACUE state 'alpha.{layer}' must hold one positive finite number; got {a}")
+            alpha_[layer] = float(a[0])
         self.counts_ = {layer: np.asarray(state[f"counts.{layer}"], dtype=np.int64) for layer in self.layers}
+        self.alpha_ = alpha_
+
+
+def _check_alpha(alpha, n_layers: int) -> str | float | list:
+    """``alpha``: ``"auto"``, a positive finite number, or one of those per layer."""
+    def ok(v) -> bool:
+        return v == "auto" if isinstance(v, str) else (
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < FLOAT32_MAX)
+
+    if isinstance(alpha, Sequence) and not isinstance(alpha, str):
+        items = list(alpha)
+        if len(items) != n_layers or not all(ok(v) for v in items):
+            raise ValueError(f"nac_ue: alpha has {len(items)} values for {n_layers} layers or a value that is not "
+                             f"'auto' or a positive number: {items!r}; give 'auto', one number, or one per layer")
+        return [v if isinstance(v, str) else float(v) for v in items]
+    if not ok(alpha):
+        raise ValueError(f"nac_ue: alpha must be 'auto' or a positive finite float32 number (or one per layer); "
+                         f"got {alpha!r}")
+    return alpha if isinstance(alpha, str) else float(alpha)
+
+
+def _auto_alpha(raw: np.ndarray, layer: str) -> float:
+    """``AUTO_LOGIT / median(|raw| != 0)`` over fit samples and neurons (see :class:`NACUE`)."""
+    mag = np.abs(raw[raw != 0]).astype(np.float64)
+    scale = float(np.median(mag)) if mag.size else 0.0
+    if scale < FLOAT32_TINY:  # then alpha would overflow float32
+        raise ValueError(f"nac_ue: the NAC statistic of layer {layer!r} is zero for every fit sample and neuron "
+                         f"(median non-zero |value| {scale:g}): the layer's gradients vanish, so alpha='auto' has "
+                         "no scale; choose another layer (nac_ue.layers and extract.nac_layers)")
+    return AUTO_LOGIT / scale
+
+
+def _check_spread(counts: np.ndarray, zero_frac: float, layer: str, alpha: float, m: int) -> None:
+    """Raise when the fit states of ``layer`` (histograms ``counts`` [D, M]) cannot give varying scores.
+
+    Degenerate (M >= 4): more than ``SIGN_ONLY_FRACTION`` of the states lie in the four sign-only bins, the
+    two next to 0.5 (alpha too small, when most states are there) and the two end bins (saturated: alpha
+    too large); any M: on average over neurons, more than ``DEGENERATE_FRACTION`` of a neuron's states in
+    its most filled bin. With ``alpha="auto"`` and M >= 12 (the bins next to 0.5 end before |alpha * raw| =
+    log 19, the end bins start after it), the first check fails only for a layer with many exact zeros
+    (inactive neurons) or a |statistic| split into tiny and huge values.
+    """
+    n = int(counts[0].sum())
+    total = counts.sum()
+    central = counts[:, [m // 2 - 1, m // 2]].sum() / total if m >= 4 else 0.0
+    extreme = counts[:, [0, m - 1]].sum() / total if m >= 4 else 0.0
+    modal = (counts.max(axis=1) / n).mean()
+    if central + extreme > SIGN_ONLY_FRACTION:
+        what = (f"{100 * central:.2f}% of the states lie in the two bins next to 0.5 and {100 * extreme:.2f}% "
+                "in the two end bins (0 or 1), which only tell the sign of the statistic")
+        if central >= extreme:
+            hint = "use a larger alpha (or alpha='auto')"
+            if zero_frac > 0.5:
+                hint += (f"; {100 * zero_frac:.0f}% of its statistics are exactly 0 (inactive neurons): "
+                         "consider another layer")
+        else:
+            hint = "use a smaller alpha (or alpha='auto')"
+    elif modal > DEGENERATE_FRACTION:
+        what = f"each neuron puts on average {100 * modal:.2f}% of its states in a single bin"
+        hint = "the layer's statistic barely varies between samples: choose another layer"
+    else:
+        return
+    raise ValueError(f"nac_ue: with alpha={alpha:g} and {m} bins, the {n} fit samples of layer {layer!r} are "
+                     f"degenerate: {what}, so nearly every sample would get the same score; {hint}")
 
 
 def _per_layer_ints(value, name: str, n_layers: int, low: int) -> int | list[int]:

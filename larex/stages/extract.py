@@ -37,7 +37,7 @@ def build_extractor(cfg: DictConfig, model: torch.nn.Module):
                             mc_samples=int(hl.mc_samples), keys=tuple(cfg.extract.features), seed=int(cfg.seed),
                             drop_prob=hl.get("drop_prob"), block_size=hl.get("block_size"),
                             mc_batch=cfg.extract.get("mc_batch"),
-                            nac_layers=_nac_layers(cfg), nac_alpha=float(cfg.extract.get("nac_alpha", 100.0)))
+                            nac_layers=_nac_layers(cfg))
 
 
 def _nac_layers(cfg: DictConfig) -> tuple[str, ...]:
