@@ -1,0 +1,706 @@
+"""larex benchmark (``make bench``): larex side by side with the reference implementations it replaces.
+
+Every row is measured in this run, on the same inputs, for larex and its reference:
+
+* ``entropy/*``   :func:`larex.entropy.knn_entropy` vs the LaREx reference computation (per image, per
+  dimension ``entropy_estimators.continuous.get_h(x.reshape(-1, 1), k, norm="max", min_dist=1e-5)`` in a
+  Python loop), float64 and float32, plus a linear-scaling check (time at N and 4N).
+* ``scoring/*``   LaRED (Gaussian KDE) vs ``sklearn.neighbors.KernelDensity``; LaREM vs
+  ``sklearn.covariance.EmpiricalCovariance.mahalanobis``.
+* ``baselines/*`` every logits/feature baseline YAML in ``configs/baselines`` (instantiated with Hydra)
+  vs its pytorch-ood 0.4 counterpart, compared after the documented sign/scale conversion.
+
+Prints one Rich table and writes it atomically as ``<out>/bench.csv`` and ``<out>/bench.md``.
+Timing: ``time.perf_counter``; every call runs once as warm-up, calls faster than ``FAST_S`` are then
+repeated and the median is reported. Slow references are timed on a subset and scaled linearly (the
+row's note says so). A row that fails reports the error in its note; the others still run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as _dt
+import io
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from larex.io import write_text
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ("row", "inputs", "larex_s", "reference_s", "ratio", "goal", "met", "max_abs_err", "note")
+GROUPS = ("entropy", "scoring", "baselines")
+FAST_S = 1.0  # calls faster than this are repeated (median of REPEATS) after the warm-up
+REPEATS = 3
+REF_LIMIT_S = 30.0  # pytorch-ood scoring estimated slower than this (from a pilot) is timed on a subset, scaled
+
+
+# ----------------------------------------------------------------------------------------------- sizes
+@dataclass(frozen=True)
+class Sizes:
+    entropy_shapes: tuple[tuple[int, int, int], ...]  # (N, S, D): "small", "large"
+    entropy_ref_images: int  # images the get_h loop runs on (scaled to N)
+    kde_fit: int
+    kde_query: int
+    kde_dim: int
+    kde_ref_queries: int  # sklearn KDE / brute force run on this many queries (scaled to kde_query)
+    base_fit: int
+    base_test: int
+    base_features: int
+    base_classes: int
+    base_pilot: int  # pytorch-ood scoring pilot size (decides full run vs subset + scaling)
+    base_methods: tuple[str, ...] | None  # None = every eligible YAML
+
+
+DEFAULT = Sizes(((200, 16, 512), (200, 32, 2048)), 5, 50_000, 50_000, 64, 500,
+                50_000, 50_000, 512, 100, 2_000, None)
+QUICK = Sizes(((12, 16, 64), (12, 32, 128)), 2, 1_000, 1_000, 16, 100,
+              1_000, 1_000, 32, 5, 500,
+              ("msp", "gen", "kl_matching", "mdist", "ddu", "knn", "vim", "react", "she"))
+
+
+# ----------------------------------------------------------------------------------------------- rows
+@dataclass
+class Row:
+    row: str
+    inputs: str
+    larex_s: float = math.nan
+    reference_s: float = math.nan
+    ratio: float = math.nan
+    goal: str = ""
+    met: bool | None = None
+    max_abs_err: float = math.nan
+    note: str = ""
+
+    def fmt(self) -> dict[str, str]:
+        return {
+            "row": self.row,
+            "inputs": self.inputs,
+            "larex_s": _fmt_s(self.larex_s),
+            "reference_s": _fmt_s(self.reference_s),
+            "ratio": "" if math.isnan(self.ratio) else f"{self.ratio:.1f}x",
+            "goal": self.goal,
+            "met": {True: "yes", False: "NO", None: "-"}[self.met],
+            "max_abs_err": "" if math.isnan(self.max_abs_err) else f"{self.max_abs_err:.2e}",
+            "note": self.note,
+        }
+
+    def raw(self) -> dict[str, str]:
+        out = self.fmt()
+        for key in ("larex_s", "reference_s", "ratio", "max_abs_err"):
+            v = getattr(self, key)
+            out[key] = "" if math.isnan(v) else repr(float(v))
+        out["met"] = {True: "yes", False: "no", None: ""}[self.met]
+        return out
+
+
+def _fmt_s(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:.4g}"
+
+
+def error_row(name: str, inputs: str, goal: str, exc: BaseException) -> Row:
+    traceback.print_exception(exc, file=sys.stderr)
+    msg = " ".join(str(exc).split())
+    return Row(name, inputs, goal=goal, note=f"error: {type(exc).__name__}: {msg[:300]}")
+
+
+# ----------------------------------------------------------------------------------------------- timing
+@dataclass
+class Ctx:
+    device: torch.device
+    sizes: Sizes
+    quick: bool
+    seed: int = 0
+    log: Callable[[str], None] = field(default=print)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn: Callable[[], Any], sync: bool = False) -> tuple[float, Any]:
+        """Seconds of one call of ``fn`` and its result: one warm-up call; if it took < FAST_S, the median
+        of ``repeats`` further calls (1 with --quick), else the warm-up time (slow calls are not repeated).
+        ``sync``: wait for the accelerator before reading the clock (larex calls on --device cuda)."""
+        wait = self.sync if sync else (lambda: None)
+        t0 = time.perf_counter()
+        out = fn()
+        wait()
+        first = time.perf_counter() - t0
+        if first >= FAST_S:
+            return first, out
+        times = []
+        for _ in range(1 if self.quick else REPEATS):
+            t0 = time.perf_counter()
+            out = fn()
+            wait()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), out
+
+
+# ----------------------------------------------------------------------------------------------- entropy
+def make_latents(n: int, s: int, d: int, seed: int) -> np.ndarray:
+    """MC latents [N, S, D]: per-image/dimension location, per-dimension scale; every 4th dimension is
+    post-ReLU (many exact zeros, so the min_dist clipping path is exercised). float32-representable
+    float64 values, so float32 and float64 runs see the same numbers."""
+    rng = np.random.default_rng(seed)
+    loc = rng.normal(0.0, 1.0, size=(n, 1, d))
+    scale = rng.lognormal(-1.0, 0.5, size=(1, 1, d))
+    x = loc + scale * rng.standard_normal((n, s, d))
+    relu = np.arange(d) % 4 == 0
+    x[:, :, relu] = np.maximum(x[:, :, relu], 0.0)
+    return x.astype(np.float32).astype(np.float64)
+
+
+def reference_entropy(x: np.ndarray, k: int) -> np.ndarray:
+    """LaREx reference: ``get_h`` per image and per dimension in a Python loop, [n, S, D] -> [n, D]."""
+    from entropy_estimators import continuous
+
+    n, _, d = x.shape
+    out = np.empty((n, d), dtype=np.float64)
+    for i in range(n):
+        for j in range(d):
+            out[i, j] = continuous.get_h(x[i, :, j].reshape(-1, 1), k=k, norm="max", min_dist=1e-5)
+    return out
+
+
+def entropy_rows(ctx: Ctx) -> list[Row]:
+    from larex.entropy import default_k, knn_entropy
+
+    rows: list[Row] = []
+    specs = ((torch.float64, "f64", 100.0, 1e-9), (torch.float32, "f32", 300.0, 1e-4))
+    for label, (n, s, d) in zip(("small", "large"), ctx.sizes.entropy_shapes):
+        try:
+            x = make_latents(n, s, d, ctx.seed + s + d)
+            k = default_k(s)
+            m = min(ctx.sizes.entropy_ref_images, n)
+            ctx.log(f"entropy {label}: reference get_h loop on {m} images x {d} dims")
+            t_sub, ref = ctx.time(lambda: reference_entropy(x[:m], k))
+            t_ref = t_sub * n / m
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            for _, tag, goal, tol in specs:
+                rows.append(error_row(f"entropy/{tag}/{label}", f"N={n} S={s} D={d}", f">={goal:g}x, err<={tol:g}",
+                                      exc))
+            continue
+        for dtype, tag, goal, tol in specs:
+            name, inputs = f"entropy/{tag}/{label}", f"N={n} S={s} D={d} {tag}, k={k}"
+            goal_s = f">={goal:g}x, err<={tol:g}"
+            try:
+                xt = torch.from_numpy(x).to(device=ctx.device, dtype=dtype)
+                ctx.log(f"entropy {label} {tag}: knn_entropy")
+                t, h = ctx.time(lambda: knn_entropy(xt, k=None), sync=True)
+                err = float(np.abs(h[:m].double().cpu().numpy() - ref).max())
+                ratio = t_ref / t
+                rows.append(Row(name, inputs, t, t_ref, ratio, goal_s, ratio >= goal and err <= tol, err,
+                                f"reference timed on {m} of {n} images ({m * d} get_h calls), scaled x{n / m:g} "
+                                f"(linear in N*D); err vs the float64 get_h values"))
+            except Exception as exc:  # noqa: BLE001
+                rows.append(error_row(name, inputs, goal_s, exc))
+    # linear scaling: same shape as "large", N and 4N images, float64
+    n, s, d = ctx.sizes.entropy_shapes[-1]
+    name, inputs, goal_s = "entropy/scaling", f"N={n} vs {4 * n}, S={s} D={d} f64", "t(4N)/t(N) in 3-5.5"
+    try:
+        x4 = torch.from_numpy(make_latents(4 * n, s, d, ctx.seed + 7)).to(ctx.device)
+        x1 = x4[:n].contiguous()
+        ctx.log("entropy scaling: N and 4N")
+        t1, h1 = ctx.time(lambda: knn_entropy(x1), sync=True)
+        t4, h4 = ctx.time(lambda: knn_entropy(x4), sync=True)
+        err = float((h4[:n] - h1).abs().max())
+        r = t4 / t1
+        rows.append(Row(name, inputs, t4, t1, r, goal_s, 3.0 <= r <= 5.5 and err == 0.0, err,
+                        "here larex_s = t(4N), reference_s = t(N), ratio = t(4N)/t(N); err = max|H_4N[:N] - H_N| "
+                        "(first N images of the 4N input)"))
+    except Exception as exc:  # noqa: BLE001
+        rows.append(error_row(name, inputs, goal_s, exc))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+def make_entropy_features(n: int, d: int, seed: int, basis_seed: int = 1234) -> np.ndarray:
+    """Entropy-like features [n, d]: strongly correlated dimensions (rank-8 structure plus noise)."""
+    basis = np.random.default_rng(basis_seed).normal(size=(8, d))
+    rng = np.random.default_rng(seed)
+    return 0.5 * rng.normal(size=(n, 8)) @ basis + 0.1 * rng.normal(size=(n, d)) + 2.0
+
+
+def brute_kde(queries: np.ndarray, points: np.ndarray, h: float, block: int = 100) -> np.ndarray:
+    """Exact Gaussian-KDE log-density in float64 numpy (direct differences, no expansion), blocked."""
+    from scipy.spatial.distance import cdist
+    from scipy.special import logsumexp
+
+    n, d = points.shape
+    out = np.empty(queries.shape[0], dtype=np.float64)
+    for s in range(0, queries.shape[0], block):
+        d2 = cdist(queries[s:s + block], points, "sqeuclidean")
+        out[s:s + block] = logsumexp(-d2 / (2.0 * h * h), axis=1)
+    return out - math.log(n) - 0.5 * d * math.log(2.0 * math.pi * h * h)
+
+
+def scoring_rows(ctx: Ctx) -> list[Row]:
+    from sklearn.covariance import EmpiricalCovariance
+    from sklearn.neighbors import KernelDensity
+
+    from larex.postprocessors.lared import LaRED, scott_bandwidth
+    from larex.postprocessors.larem import LaREM
+
+    sz = ctx.sizes
+    n, q, d = sz.kde_fit, sz.kde_query, sz.kde_dim
+    inputs = f"fit {n} x query {q} x {d}"
+    rows: list[Row] = []
+    x = make_entropy_features(n, d, ctx.seed + 1)
+    xq = make_entropy_features(q, d, ctx.seed + 2)  # same distribution: in-distribution queries
+
+    name, goal_s, tol = "scoring/lared", ">=10x, err<=1e-6", 1e-6
+    try:
+        h = float(scott_bandwidth(x))
+        dev = "cuda" if ctx.device.type == "cuda" else "cpu"
+        ctx.log(f"scoring: LaRED {n} x {q} x {d}")
+        t_ours, ours = ctx.time(
+            lambda: LaRED(pca=None, bandwidth=h, standardize=False, device=dev).fit({"entropy": x})
+            .score({"entropy": xq}))
+        m = min(sz.kde_ref_queries, q)
+        ctx.log(f"scoring: sklearn KernelDensity on {m} queries")
+        t_fit, kde = ctx.time(lambda: KernelDensity(kernel="gaussian", bandwidth=h).fit(x))
+        t_sub, theirs = ctx.time(lambda: kde.score_samples(xq[:m]))
+        t_ref = t_fit + t_sub * q / m
+        err_sk = float(np.abs(ours[:m] - theirs).max())
+        brute = brute_kde(xq[:m], x, h)
+        err_bf = float(np.abs(ours[:m] - brute).max())
+        sk_own = float(np.abs(theirs - brute).max())
+        note = (f"h={h:.4g} (Scott, fixed); sklearn fit full, score_samples timed on {m} of {q} queries and "
+                f"scaled x{q / m:g}; errors on those {m}: ")
+        if sk_own > tol:
+            err = err_bf
+            note += (f"sklearn's tree KDE is itself off by {sk_own:.2e} from the exact float64 brute-force "
+                     f"logsumexp, so max_abs_err is vs brute force ({err_bf:.2e}); vs sklearn {err_sk:.2e}")
+        else:
+            err = err_sk
+            note += f"vs sklearn {err_sk:.2e}, vs brute-force float64 logsumexp {err_bf:.2e}"
+        ratio = t_ref / t_ours
+        rows.append(Row(name, inputs, t_ours, t_ref, ratio, goal_s, ratio >= 10 and err <= tol, err, note))
+    except Exception as exc:  # noqa: BLE001
+        rows.append(error_row(name, inputs, goal_s, exc))
+
+    name, goal_s = "scoring/larem", "err<=1e-6 (abs)"
+    try:
+        ctx.log(f"scoring: LaREM {n} x {q} x {d}")
+        t_ours, ours = ctx.time(lambda: LaREM(pca=None, shrinkage=None).fit({"entropy": x}).score({"entropy": xq}))
+        t_ref, theirs = ctx.time(lambda: -EmpiricalCovariance().fit(x).mahalanobis(xq))
+        err = float(np.abs(ours - theirs).max())
+        rel = err / float(np.abs(theirs).max())
+        rows.append(Row(name, inputs, t_ours, t_ref, t_ref / t_ours, goal_s, err <= 1e-6, err,
+                        f"vs -EmpiricalCovariance().fit(X).mahalanobis(Q) (squared distances); relative err "
+                        f"{rel:.1e} of max|score|={np.abs(theirs).max():.3g}; no speed goal"))
+    except Exception as exc:  # noqa: BLE001
+        rows.append(error_row(name, inputs, goal_s, exc))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+@dataclass
+class ClassifierData:
+    fit: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    n_classes: int
+
+
+def make_classifier_data(n_fit: int, n_test: int, f: int, c: int, seed: int) -> ClassifierData:
+    """Penultimate features of a linear classifier: non-negative (post-ReLU-like) features around C class
+    centres; the test split is 80% ID draws and 20% a low-norm cluster off the centres (OOD-like).
+    Head weights/bias are float32-representable; logits = pen @ W.T + b."""
+    rng = np.random.default_rng(seed)
+    centers = 2.0 * rng.uniform(0.0, 1.0, size=(c, f)) ** 2
+    w = 0.06 * math.sqrt(512 / f) * (centers - centers.mean(axis=0)) + rng.normal(0.0, 0.02, size=(c, f))
+    w = w.astype(np.float32).astype(np.float64)
+    b = rng.normal(0.0, 0.1, size=c).astype(np.float32).astype(np.float64)
+    ood_centre = np.abs(rng.normal(0.0, 0.5, size=f))
+
+    def draw(n: int, ood_frac: float) -> dict[str, np.ndarray]:
+        labels = rng.integers(0, c, size=n)
+        pen = np.abs(centers[labels] + rng.normal(0.0, 0.6, size=(n, f)))
+        n_ood = int(round(ood_frac * n))
+        if n_ood:
+            pen[-n_ood:] = np.abs(ood_centre + rng.normal(0.0, 0.6, size=(n_ood, f)))
+            labels[-n_ood:] = -1
+        return {"penultimate": pen, "logits": pen @ w.T + b, "labels": labels, "head.weight": w, "head.bias": b}
+
+    fit = draw(n_fit, 0.0)
+    return ClassifierData(fit, draw(n_test, 0.2), c)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _linear(w: np.ndarray, b: np.ndarray, dtype: torch.dtype) -> torch.nn.Linear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0]).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+        lin.bias.copy_(torch.from_numpy(b))
+    return lin
+
+
+def _batched(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> np.ndarray:
+    return torch.cat([predict(x[s:s + batch]).detach() for s in range(0, x.shape[0], batch)]).double().cpu().numpy()
+
+
+@dataclass
+class RefSpec:
+    """A pytorch-ood counterpart: ``fit()`` returns a detector, ``predict(det, rows)`` its outlier scores
+    (numpy) for test rows ``rows``; ours ~ ``convert(theirs)``; compared by max abs error with tolerance
+    ``tol`` (absolute, or relative to max|ours| when ``relative``) or, when ``spearman``, by rank
+    (Spearman >= ``tol``). ``valid(rows)``: boolean mask of the rows where both compute the same quantity."""
+
+    fit: Callable[[], Any]
+    predict: Callable[[Any, slice], np.ndarray]
+    convert: Callable[[np.ndarray], np.ndarray]
+    tol: float
+    relative: bool = False
+    spearman: bool = False
+    doc: str = ""
+    valid: Callable[[slice], np.ndarray] | None = None  # rows where the two are comparable (default: all)
+    valid_doc: str = ""
+    abs_err: bool = True  # also report max abs error when compared by rank
+
+
+def reference_specs(pp: Any, data: ClassifierData) -> dict[str, RefSpec]:
+    """pytorch-ood 0.4 counterparts, built as in tests/test_baselines_{logits,features}.py."""
+    import pytorch_ood.detector as pod
+
+    fit, test = data.fit, data.test
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    pf, yf, lf = t(fit["penultimate"]), t(fit["labels"]), t(fit["logits"])
+    pt, lt = t(test["penultimate"]), t(test["logits"])
+    w, b = fit["head.weight"], fit["head.bias"]
+    n_fit, c = pf.shape[0], data.n_classes
+    neg = lambda s: -s  # noqa: E731
+    np_ = lambda x: x.detach().double().cpu().numpy()  # noqa: E731
+    lin64 = _linear(w, b, torch.float64)
+    flat_head = lambda z: lin64(z.flatten(1))  # noqa: E731
+    ga = getattr
+    ddu_reg = float(ga(pp, "jitter_", 0.0) or 1e-9)
+
+    def unclamped(rows: slice, hi: float) -> np.ndarray:
+        """Rows whose softmax probabilities all lie in [1e-7, hi] (pytorch-ood's clamp changes nothing)."""
+        from scipy.special import softmax
+
+        prob = softmax(test["logits"][rows], axis=1)
+        return (prob.min(axis=1) >= 1e-7) & (prob.max(axis=1) <= hi)
+    specs: dict[str, Callable[[], RefSpec]] = {
+        "msp": lambda: RefSpec(lambda: pod.MaxSoftmax(None, t=1.0), lambda d, r: np_(d.predict_logits(lt[r])), neg,
+                               1e-9, doc="ours = -MaxSoftmax"),
+        "maxlogit": lambda: RefSpec(lambda: pod.MaxLogit(None), lambda d, r: np_(d.predict_logits(lt[r])), neg,
+                                    1e-9, doc="ours = -MaxLogit"),
+        "energy": lambda: RefSpec(lambda: pod.EnergyBased(None, t=pp.temperature),
+                                  lambda d, r: np_(d.predict_logits(lt[r])), neg, 1e-9, doc="ours = -EnergyBased"),
+        "entropy": lambda: RefSpec(lambda: pod.Entropy(None), lambda d, r: np_(d.predict_logits(lt[r])), neg, 1e-9,
+                                   doc="ours = -Entropy", valid=lambda r: unclamped(r, 1.0),
+                                   valid_doc="pytorch-ood clips p to [1e-7, 1]"),
+        "gen": lambda: RefSpec(lambda: pod.GEN(None, gamma=pp.gamma, M=pp.M),
+                               lambda d, r: np_(d.predict_logits(lt[r])), lambda s: -min(pp.M, c) * s, 1e-9,
+                               doc=f"pytorch-ood averages the top-M terms: ours = -min(M, C) * GEN = "
+                                   f"-{min(pp.M, c)} * GEN",
+                               valid=lambda r: unclamped(r, 1.0 - 1e-7),
+                               valid_doc="pytorch-ood clamps p to [1e-7, 1 - 1e-7]"),
+        "odin": lambda: RefSpec(lambda: pod.ODIN(torch.nn.Identity(), eps=0.0, temperature=pp.temperature),
+                                lambda d, r: np_(d.predict(lt[r])), neg, 1e-9,
+                                doc="ours = -ODIN(identity model on the logits, eps=0)"),
+        "kl_matching": lambda: RefSpec(lambda: pod.KLMatching(None).fit_logits(lf),
+                                       lambda d, r: np_(d.predict_logits(lt[r])), neg, 1e-9,
+                                       doc="ours = -KLMatching"),
+        "mdist": lambda: RefSpec(lambda: _f64(lambda: pod.Mahalanobis(None).fit_features(pf, yf)),
+                                 lambda d, r: _f64(lambda: np_(d.predict_features(pt[r]))),
+                                 lambda s: -2.0 * n_fit * s, 1e-6, relative=True,
+                                 doc="pytorch-ood in float64; its covariance is not divided by N and it halves "
+                                     "the distance (plus a 1e-6 ridge): ours = -2N * Mahalanobis"),
+        "rmd": lambda: RefSpec(lambda: _f64(lambda: pod.RMD(None).fit_features(pf, yf)),
+                               lambda d, r: _f64(lambda: np_(d.predict_features(pt[r]))),
+                               lambda s: -float(n_fit) * s, 1e-6, relative=True,
+                               doc="pytorch-ood in float64, covariances not divided by N (+1e-6 ridge): "
+                                   "ours = -N * RMD"),
+        "ddu": lambda: RefSpec(lambda: pod.GMM(None, reg=ddu_reg).fit_features(pf, yf),
+                               lambda d, r: _batched(d.predict_features, pt[r], 500), neg, 0.999, spearman=True,
+                               abs_err=False,
+                               doc=f"vs GMM(reg={ddu_reg:.3g}, our jitter_ or 1e-9): 1/N_k vs DDU's 1/(N_k-1) "
+                                   "covariances, so compared by rank; GMM scored in batches of 500 (its [K, B, F] "
+                                   "intermediate)"),
+        "knn": lambda: RefSpec(lambda: pod.KNN(None, k=pp.k).fit_features(pf, yf),
+                               lambda d, r: np_(d.predict_features(pt[r])), neg, 1e-7,
+                               doc="ours = -KNN (sklearn NearestNeighbors, n_jobs=-1)"),
+        "nnguide": lambda: RefSpec(
+            lambda: pod.NNGuide(None, head=_linear(w, b, torch.float32), k=pp.k).fit_features(pf.float(), yf),
+            lambda d, r: _batched(d.predict_features, pt[r].float(), 2048), neg, 1e-5, relative=True,
+            doc="pytorch-ood keeps its bank in float32; scored in query batches of 2048"),
+        "vim": lambda: RefSpec(lambda: pod.ViM(None, d=pp.dim_, w=t(w), b=t(b)).fit_features(pf, yf),
+                               lambda d, r: np_(d.predict_features(pt[r])), neg, 0.999, spearman=True,
+                               doc=f"pytorch-ood ViM(d={ga(pp, 'dim_', '?')}) computes in float32 (eigh of the "
+                                   "second-moment matrix included), so compared by rank; abs err for information"),
+        "react": lambda: RefSpec(
+            lambda: pod.ReAct(backbone=None, head=lin64, percentile=pp.percentile / 100).fit_feature_maps(pf, yf),
+            lambda d, r: np_(d.predict_feature_maps(pt[r])), neg, 1e-10, relative=True, doc="ours = -ReAct"),
+        "ash": lambda: RefSpec(
+            lambda: pod.ASH(backbone=None, head=flat_head, variant=pp.variant, percentile=pp.percentile / 100),
+            lambda d, r: np_(d.predict_feature_maps(pt[r][:, :, None, None])), neg, 1e-10, relative=True,
+            doc=f"ours = -ASH({pp.variant if hasattr(pp, 'variant') else ''}) on [N, F, 1, 1] maps"),
+        "scale": lambda: RefSpec(
+            lambda: pod.SCALE(backbone=None, head=flat_head, percentile=pp.percentile / 100),
+            lambda d, r: np_(d.predict_feature_maps(pt[r][:, :, None, None])), neg, 1e-10, relative=True,
+            doc="ours = -SCALE on [N, F, 1, 1] maps"),
+        "dice": lambda: RefSpec(
+            lambda: pod.DICE(None, w=t(w), b=t(b), p=pp.percentile / 100).fit_features(pf, yf),
+            lambda d, r: _batched(d.predict_features, pt[r], 2000), neg, 1e-10, relative=True,
+            doc="ours = -DICE; pytorch-ood scored in query batches of 2000 (its [B, C, F] intermediate)"),
+        "she": lambda: RefSpec(lambda: pod.SHE(None, head=lin64).fit_features(pf, yf),
+                               lambda d, r: np_(d.predict_features(pt[r])), neg, 1e-10, relative=True,
+                               doc="ours = -SHE"),
+        "gradnorm": lambda: RefSpec(
+            lambda: pod.GradNorm(lin64, param_filter=lambda nm: nm == "weight", temperature=pp.temperature),
+            lambda d, r: np_(d.predict(pt[r])), neg, 1e-10, relative=True,
+            doc="ours (closed form) = -GradNorm (per-sample autograd via vmap, micro-batches of 32)"),
+    }
+    return specs
+
+
+def _f64(fn: Callable[[], Any]) -> Any:
+    with default_dtype(torch.float64):
+        return fn()
+
+
+def baseline_configs() -> list[tuple[str, Any]]:
+    """(name, OmegaConf config) of every YAML in configs/baselines with a ``_target_``, sorted by name."""
+    from omegaconf import OmegaConf
+
+    out = []
+    for path in sorted((REPO / "configs" / "baselines").glob("*.yaml")):
+        cfg = OmegaConf.load(path)
+        if "_target_" in cfg:
+            out.append((path.stem, cfg))
+    return out
+
+
+def baseline_rows(ctx: Ctx) -> list[Row]:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    sz = ctx.sizes
+    data = make_classifier_data(sz.base_fit, sz.base_test, sz.base_features, sz.base_classes, ctx.seed + 3)
+    inputs = f"fit {sz.base_fit}, score {sz.base_test} x F={sz.base_features}, C={sz.base_classes}"
+    rows: list[Row] = []
+    n_test = sz.base_test
+    for name, cfg in baseline_configs():
+        if sz.base_methods is not None and name not in sz.base_methods:
+            continue
+        row_name = f"baselines/{name}"
+        try:
+            if "device" in cfg:
+                cfg = OmegaConf.merge(cfg, {"device": "cuda" if ctx.device.type == "cuda" else "cpu"})
+            pp = instantiate(cfg)
+            if "mc_logits" in pp.requires:
+                continue  # needs MC-dropout logits: not a logits/feature baseline
+            other = [k for k in pp.requires if k not in data.fit]
+            if other:
+                rows.append(Row(row_name, inputs, goal="-",
+                                note=f"skipped: needs {other}, not a logits/penultimate feature"))
+                continue
+            fit = {k: data.fit[k] for k in pp.requires}
+            test = {k: data.test[k] for k in pp.requires}
+            ctx.log(f"baselines: {name} (larex)")
+            t_ours, ours = ctx.time(lambda: pp.fit(fit).score(test))
+            spec_fn = reference_specs(pp, data).get(name)
+            if spec_fn is None:
+                rows.append(Row(row_name, inputs, t_ours, goal="-", note="no pytorch-ood counterpart"))
+                continue
+            spec = spec_fn()
+            ctx.log(f"baselines: {name} (pytorch-ood)")
+            row = _compare_baseline(ctx, row_name, inputs, t_ours, ours, spec)
+            rows.append(row)
+        except Exception as exc:  # noqa: BLE001
+            rows.append(error_row(row_name, inputs, "", exc))
+    return rows
+
+
+def _compare_baseline(ctx: Ctx, name: str, inputs: str, t_ours: float, ours: np.ndarray, spec: RefSpec) -> Row:
+    """Time pytorch-ood (fit at full size; scoring in full when a pilot predicts <= REF_LIMIT_S, else the
+    pilot scaled) and compare its converted scores with ours on the rows it scored."""
+    from scipy.stats import spearmanr
+
+    n, pilot = ctx.sizes.base_test, ctx.sizes.base_pilot
+
+    t_fit, det = ctx.time(spec.fit)
+    m = min(pilot, n)
+    t_pilot, theirs = ctx.time(lambda: spec.predict(det, slice(0, m)))
+    note = spec.doc
+    if m < n and t_pilot * n / m <= REF_LIMIT_S:
+        t_pred, theirs = ctx.time(lambda: spec.predict(det, slice(0, n)))
+        m = n
+    elif m < n:
+        t_pred = t_pilot * n / m
+        note += f"; pytorch-ood scoring timed on {m} of {n} queries and scaled x{n / m:g} (> {REF_LIMIT_S:g} s)"
+    else:
+        t_pred = t_pilot
+    t_ref = t_fit + t_pred
+    mine, conv = ours[:m], spec.convert(theirs)
+    ratio = t_ref / t_ours
+    rho = float(spearmanr(mine, conv).statistic)
+    diff = np.abs(mine - conv)
+    err = float(diff.max())
+    if spec.valid is not None:
+        mask = spec.valid(slice(0, m))
+        note += (f"; err on the {int(mask.sum())} of {m} rows where {spec.valid_doc} changes nothing "
+                 f"(all rows: {err:.1e})")
+        err = float(diff[mask].max()) if mask.any() else math.nan
+    top = float(np.abs(mine).max())
+    rel = err / top if top > 0 else math.nan
+    if spec.spearman:
+        goal = f">=1x, spearman>={spec.tol:g}"
+        met = bool(ratio >= 1 and rho >= spec.tol)
+        if not spec.abs_err:
+            return Row(name, inputs, t_ours, t_ref, ratio, goal, met, math.nan, f"{note}; spearman {rho:.6f}")
+        return Row(name, inputs, t_ours, t_ref, ratio, goal, met, err, f"{note}; rel err {rel:.1e}; spearman {rho:.6f}")
+    tol = spec.tol * (top if spec.relative else 1.0)
+    goal = f">=1x, err<={spec.tol:g}" + ("*max|s|" if spec.relative else "")
+    met = bool(ratio >= 1 and err <= tol)  # NaN err (no comparable row) -> not met
+    return Row(name, inputs, t_ours, t_ref, ratio, goal, met, err, f"{note}; rel err {rel:.1e}; spearman {rho:.6f}")
+
+
+# ----------------------------------------------------------------------------------------------- output
+def machine_info(device: torch.device) -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    dev = str(device)
+    if device.type == "cuda":
+        dev += f" ({torch.cuda.get_device_name(device)})"
+    try:
+        load = "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpus": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "device": dev,
+        "git_commit": commit,
+        "load_avg_start": load,
+    }
+
+
+def to_csv(rows: list[Row]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r.raw())
+    return buf.getvalue()
+
+
+def to_markdown(rows: list[Row], info: dict[str, str], argv: list[str], wall: float) -> str:
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = [
+        "# larex benchmark",
+        "",
+        f"- date: {info['date']}",
+        f"- machine: {info['platform']}, {info['cpus']} CPUs (torch threads {info['torch_threads']}), "
+        f"torch {info['torch']}, device {info['device']}",
+        f"- git commit: {info['git_commit']}",
+        f"- load average at start (1/5/15 min): {info['load_avg_start']}",
+        f"- command: `{' '.join(['scripts/bench.py', *argv])}`; total wall time {wall:.0f} s",
+        "- ratio = reference_s / larex_s (except `entropy/scaling`: t(4N)/t(N)); times in seconds, "
+        "warm-up once, median of a few repeats for calls under 1 s",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for r in rows:
+        f = r.fmt()
+        lines.append("| " + " | ".join(esc(f[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: list[Row], info: dict[str, str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"larex benchmark - {info['device']}, {info['cpus']} CPUs, torch {info['torch']}, "
+                        f"commit {info['git_commit']}")
+    for c in COLUMNS:
+        table.add_column(c, overflow="fold", no_wrap=c in ("row", "larex_s", "reference_s", "ratio", "met"))
+    for r in rows:
+        f = r.fmt()
+        table.add_row(*(f[c] for c in COLUMNS))
+    Console(width=max(160, Console().width)).print(table)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; used by tests/test_bench.py)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="device for the larex side (references always run on CPU); auto = cuda if available")
+    p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench", help="folder for bench.csv / bench.md")
+    p.add_argument("--rows", default=",".join(GROUPS),
+                   help=f"comma-separated subset of {','.join(GROUPS)} (default: all)")
+    args = p.parse_args(argv)
+    groups = [g.strip() for g in args.rows.split(",") if g.strip()]
+    bad = [g for g in groups if g not in GROUPS]
+    if bad or not groups:
+        p.error(f"--rows: unknown group(s) {bad or groups}; choose a comma-separated subset of {','.join(GROUPS)}")
+    args.groups = groups
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available on this machine; use --device cpu (or auto)")
+    args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                               else ("cpu" if args.device == "auto" else args.device))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    info = machine_info(args.device)
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    ctx = Ctx(device=args.device, sizes=QUICK if args.quick else DEFAULT, quick=args.quick, log=log)
+    builders = {"entropy": entropy_rows, "scoring": scoring_rows, "baselines": baseline_rows}
+    rows: list[Row] = []
+    for group in args.groups:
+        try:
+            rows.extend(builders[group](ctx))
+        except Exception as exc:  # noqa: BLE001 - e.g. an import failing: one row for the whole group
+            rows.append(error_row(f"{group}/*", "", "", exc))
+    wall = time.perf_counter() - t0
+    print_table(rows, info)
+    out: Path = args.out
+    write_text(out / "bench.csv", to_csv(rows))
+    write_text(out / "bench.md", to_markdown(rows, info, argv, wall))
+    print(f"wrote {out / 'bench.csv'} and {out / 'bench.md'} ({wall:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
