@@ -96,7 +96,8 @@ def test_methods_needing_unextracted_features_fail_before_compute():
         check_requirements(compose("run", overrides=["baselines=[msp,nac_ue]"]))
     with pytest.raises(ConfigError, match=r"msp.*'logits'.*extract\.features"):
         check_requirements(compose("run", overrides=["baselines=[msp]", "extract.features=[latent,labels]"]))
-    check_requirements(compose("run", overrides=["baselines=all", "extract.nac_layers=[block3]"]))
+    check_requirements(compose("run", overrides=["baselines=all", "extract.nac_layers=[block3]",
+                                                 "extract.odin={temperature:1000,epsilon:0.0014}"]))
 
 
 def test_demo_experiment_selects_every_baseline_and_their_features():

@@ -33,6 +33,7 @@ def synthetic(seed: int, shift: float = 0.0, n: int = N, requires: tuple[str, ..
         "entropy": rng.normal(shift, 1.0, size=(n, D)),
         "latent": rng.normal(shift, 1.0, size=(n, S, D)).astype(np.float32),
         "logits": logits.astype(np.float32),
+        "odin_logits": (logits + 0.1 * pen[:, :C]).astype(np.float32),  # perturbed-input logits (extract.odin)
         "mc_logits": (logits[:, None, :] + rng.normal(0, 0.3, size=(n, S, C))).astype(np.float32),
         "penultimate": pen.astype(np.float32),
         "labels": rng.integers(0, C, size=n),

@@ -1,6 +1,7 @@
 """LightningModule that extracts the LaREx feature set (latent, logits, mc_logits, ...) per batch."""
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -17,6 +18,9 @@ from larex.extraction.mc import REDUCTIONS, check_overrides, eval_mode, mc_mode,
 KNOWN_KEYS = ("latent", "logits", "mc_logits", "penultimate", "labels")
 NAC_PREFIX = "nac."
 """Key family ``nac.<layer path>``: raw NAC neuron statistics of the layers in ``FeatureExtractor(nac_layers=...)``."""
+ODIN_KEY = "odin_logits"
+"""Logits of ODIN-perturbed inputs, written when ``FeatureExtractor(odin={...})`` is set."""
+ODIN_ARGS = ("temperature", "epsilon")
 SEED_STRIDE = 1_000_003
 
 
@@ -30,6 +34,27 @@ def _first_tensor(value: Any, what: str) -> torch.Tensor:
             return item
     raise TypeError(f"{what} produced {type(value).__name__} with no tensor; hook a layer (or wrap "
                     "the model so that it returns) a tensor")
+
+
+def _odin_args(odin: Mapping[str, float] | None) -> dict[str, float] | None:
+    """Validated ``{"temperature": T > 0, "epsilon": eps >= 0}`` as floats, or None."""
+    if odin is None:
+        return None
+    example = "odin={'temperature': 1000.0, 'epsilon': 0.0014}"
+    if not isinstance(odin, Mapping) or set(odin) != set(ODIN_ARGS):
+        got = sorted(map(str, odin)) if isinstance(odin, Mapping) else type(odin).__name__
+        raise ValueError(f"FeatureExtractor odin must be None or a mapping with exactly the keys {list(ODIN_ARGS)}; "
+                         f"got {got}. Use e.g. {example}")
+    out = {}
+    for name, bound in (("temperature", "> 0"), ("epsilon", ">= 0")):
+        value = odin[name]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and (value > 0 if name == "temperature" else value >= 0)
+        if not ok:
+            raise ValueError(f"FeatureExtractor odin {name} must be a finite number {bound}; got {value!r}. "
+                             f"Use e.g. {example}")
+        out[name] = float(value)
+    return out
 
 
 def _logits_of(out: Any) -> torch.Tensor:
@@ -74,6 +99,13 @@ class FeatureExtractor(pl.LightningModule):
       spatial mean of the product, as pytorch-ood's ``NACUE``). No sigmoid: the steepness alpha is a
       hyperparameter of the ``nac_ue`` postprocessor, which computes the states ``sigmoid(alpha * raw)``.
       One forward + backward in eval mode, with gradients enabled even inside ``Trainer.predict``.
+    * ``odin_logits`` [B, C] float32 when ``odin`` is set (returned in addition to ``keys``): eval-mode
+      logits of ODIN's perturbed input (Liang et al., ICLR 2018)
+      ``x~ = x - epsilon * sign(-grad_x log max_c softmax(f(x) / T)_c)``, i.e. one step down the
+      cross-entropy of ``f(x) / T`` w.r.t. the predicted label, as pytorch-ood's ``ODIN``. ``x`` is the
+      model input, already normalized by the data pipeline, so ``epsilon`` is in normalized-input units
+      (pytorch-ood given a normalized tensor and no ``norm_std``). Score them with
+      ``ODIN(temperature=T, key="odin_logits")``.
 
     The S passes run as one forward on the batch repeated S times (row ``b*S + s`` is sample b, pass
     s), split into chunks of at most ``mc_batch`` rows; by default (``share_prefix``) the layers before
@@ -100,13 +132,15 @@ class FeatureExtractor(pl.LightningModule):
             with a warning, for models where later layers reuse earlier activations (e.g. a skip
             connection around the dropout layer).
         nac_layers: dotted paths of the layers whose NAC statistics become ``nac.<path>`` (empty = none).
+        odin: ``{"temperature": T, "epsilon": eps}`` (paper: 1000 and 0.0014) to extract ``odin_logits``,
+            or None (off).
     """
 
     def __init__(self, model: nn.Module, hooked_layer: str, head: str | None = "fc",
                  mc_samples: int = 16, keys: Sequence[str] = KNOWN_KEYS, seed: int = 0,
                  drop_prob: float | None = None, block_size: int | None = None,
                  mc_batch: int | None = None, reduction: str = "auto", share_prefix: bool = True,
-                 nac_layers: Sequence[str] = ()) -> None:
+                 nac_layers: Sequence[str] = (), odin: Mapping[str, float] | None = None) -> None:
         super().__init__()
         keys = (keys,) if isinstance(keys, str) else tuple(keys)
         unknown = [k for k in keys if k not in KNOWN_KEYS]
@@ -115,6 +149,9 @@ class FeatureExtractor(pl.LightningModule):
             raise ValueError(f"FeatureExtractor keys {nac_keys}: NAC statistics are not requested through keys; "
                              f"pass nac_layers={[k[len(NAC_PREFIX):] for k in nac_keys]} (extract.nac_layers) "
                              "instead")
+        if ODIN_KEY in unknown:
+            raise ValueError(f"FeatureExtractor keys: {ODIN_KEY!r} is not requested through keys; pass "
+                             "odin={'temperature': 1000.0, 'epsilon': 0.0014} (extract.odin) instead")
         if unknown or not keys:
             raise ValueError(f"FeatureExtractor keys {unknown or '(empty)'} invalid; choose a non-empty "
                              f"subset of {KNOWN_KEYS}")
@@ -156,6 +193,7 @@ class FeatureExtractor(pl.LightningModule):
         self.reduction = reduction
         self.share_prefix = share_prefix
         self.nac_layers = nac_layers
+        self.odin = _odin_args(odin)
         self._prefix_ok: bool | None = None  # None: not tried yet
         self._checked_variation = False
 
@@ -190,7 +228,33 @@ class FeatureExtractor(pl.LightningModule):
             out["labels"] = y.detach().to(device="cpu", dtype=torch.int64)
         if self.nac_layers:
             out.update(self._nac(x))
-        return {k: out[k] for k in (*self.keys, *(NAC_PREFIX + p for p in self.nac_layers))}
+        extra: tuple[str, ...] = ()
+        if self.odin is not None:
+            out[ODIN_KEY], extra = self._odin_logits(x), (ODIN_KEY,)
+        return {k: out[k] for k in (*self.keys, *(NAC_PREFIX + p for p in self.nac_layers), *extra)}
+
+    def _odin_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``odin_logits`` [B, C]: eval-mode logits of ODIN's perturbed input (see the class docstring).
+
+        The loss is the sum over the batch of each sample's ``-log softmax(f(x_b) / T)_{y^_b}``; in eval mode
+        samples do not interact, so one batched backward gives every sample's own input gradient exactly.
+        Only the input gradient is computed (``torch.autograd.grad``): no parameter ``.grad`` accumulates.
+        """
+        if not x.is_floating_point():
+            raise TypeError(f"ODIN perturbs the input, which must be a floating tensor; got {x.dtype}. Convert "
+                            "the inputs to float in the data pipeline or set extract.odin=null")
+        t, eps = self.odin["temperature"], self.odin["epsilon"]
+        with torch.inference_mode(False), eval_mode(self.model):
+            xi = x.clone().detach()  # a normal tensor even when x was created under inference mode
+            if eps > 0:
+                with torch.enable_grad():
+                    xi.requires_grad_(True)
+                    logp = torch.log_softmax(_logits_of(self.model(xi)) / t, dim=1)
+                    nll = -logp.gather(1, logp.argmax(dim=1, keepdim=True)).sum()  # CE w.r.t. predicted label
+                    (grad,) = torch.autograd.grad(nll, xi)
+                xi = (xi.detach() - eps * grad.sign()).detach()
+            with torch.no_grad():
+                return _logits_of(self.model(xi)).float().cpu()
 
     def _nac(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``nac.<path>`` [B, D]: raw NAC statistics of ``nac_layers`` from one eval-mode forward + backward.

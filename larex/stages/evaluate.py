@@ -26,6 +26,8 @@ METRIC_COLUMNS = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_ood")
 LOWER_IS_BETTER = {"fpr95", "fpr95_ood"}
 HEAD_KEYS = ("head.weight", "head.bias")
 AGGREGATE_KEYS = ("entropy",)
+ODIN_KEY = "odin_logits"
+ODIN_HINT = "extract.odin={temperature: 1000, epsilon: 0.0014}"
 
 
 def baseline_specs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -57,6 +59,8 @@ def producible_features(cfg: DictConfig) -> set[str]:
     keys = set(cfg.extract.features) | set(AGGREGATE_KEYS) | {f"nac.{layer}" for layer in cfg.extract.nac_layers or []}
     if cfg.model.get("head"):
         keys |= set(HEAD_KEYS)
+    if cfg.extract.get("odin"):
+        keys.add(ODIN_KEY)
     return keys
 
 
@@ -67,6 +71,7 @@ def check_requirements(cfg: DictConfig) -> None:
         missing = [k for k in instantiate(spec).requires if k not in have]
         if missing:
             hints = [f"extract.nac_layers=[{k[4:]}]" if k.startswith("nac.")
+                     else ODIN_HINT if k == ODIN_KEY
                      else "model.head=<final linear layer>" if k in HEAD_KEYS
                      else f"extract.features=[...,{k}]" for k in missing]
             raise common.ConfigError(f"method {name} needs feature(s) {missing}, which this config does not "
@@ -109,6 +114,8 @@ class FeatureStore:
                     hints.append(f"'{k}' is written by larex-aggregate")
                 elif k.startswith("nac."):
                     hints.append(f"'{k}' is written by larex-extract with extract.nac_layers=[{k[4:]}]")
+                elif k == ODIN_KEY:
+                    hints.append(f"'{k}' is written by larex-extract with {ODIN_HINT}")
                 elif k in HEAD_KEYS:
                     hints.append(f"'{k}' is written by larex-extract when model.head names the final linear layer")
                 else:

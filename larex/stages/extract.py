@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from larex import io
 from larex.stages import common
@@ -37,7 +37,13 @@ def build_extractor(cfg: DictConfig, model: torch.nn.Module):
                             mc_samples=int(hl.mc_samples), keys=tuple(cfg.extract.features), seed=int(cfg.seed),
                             drop_prob=hl.get("drop_prob"), block_size=hl.get("block_size"),
                             mc_batch=cfg.extract.get("mc_batch"),
-                            nac_layers=_nac_layers(cfg))
+                            nac_layers=_nac_layers(cfg), odin=_odin(cfg))
+
+
+def _odin(cfg: DictConfig) -> dict | None:
+    """``extract.odin`` (optional, ``{temperature, epsilon}``) as a plain dict, or None when unset."""
+    odin = cfg.extract.get("odin")
+    return OmegaConf.to_container(odin, resolve=True) if isinstance(odin, DictConfig) else odin
 
 
 def _nac_layers(cfg: DictConfig) -> tuple[str, ...]:
