@@ -2,7 +2,7 @@
 
 Every file larex writes goes through :func:`atomic_write` (write to a temp file in the same folder, fsync,
 rename), so an interrupted run never leaves a half-written file where a later stage would read it.
-Feature sets are stored as safetensors shards (never pickle) with a ``manifest.json`` per split that
+Feature sets are stored as safetensors shards (no unsafe serialisation) with a ``manifest.json`` per split that
 records the config hash, keys, shapes and ``complete: true`` once the split is fully written.
 """
 from __future__ import annotations
