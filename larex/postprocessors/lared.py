@@ -135,9 +135,11 @@ class LaRED(Postprocessor):
             acc = torch.full((q.shape[0], h.shape[0]), -math.inf, dtype=torch.float64, device=pts.device)
             for ps in range(0, n, c):
                 p = pts[ps : ps + c]
-                d2 = (q_sq[:, None] + pts_sq[None, ps : ps + c] - 2.0 * (q @ p.T)).clamp_min_(0.0)
+                # ||q||^2 + ||p||^2 - 2 q.p with one fused matmul and in-place passes (no extra c x c buffers)
+                d2 = torch.addmm(pts_sq[None, ps : ps + c], q, p.T, alpha=-2.0).add_(q_sq[:, None]).clamp_min_(0.0)
                 for j in range(h.shape[0]):  # loop over candidate bandwidths only
-                    acc[:, j] = torch.logaddexp(acc[:, j], torch.logsumexp(d2 * neg_inv_two_h2[j], dim=1))
+                    e = d2.mul_(neg_inv_two_h2[j]) if h.shape[0] == 1 else d2 * neg_inv_two_h2[j]
+                    acc[:, j] = torch.logaddexp(acc[:, j], torch.logsumexp(e, dim=1))
             out[qs : qs + c] = acc
         out = out - math.log(n) - 0.5 * d * torch.log(2.0 * math.pi * h**2)
         return out.cpu().numpy()
