@@ -1,6 +1,7 @@
 """larex benchmark (``make bench``): larex side by side with the reference implementations it replaces.
 
-Every row is measured in this run, on the same inputs, for larex and its reference:
+Every row is measured in this run; speed rows time larex and its reference on the same inputs (the
+``memory`` and ``stages`` rows describe larex alone):
 
 * ``entropy/*``   :func:`larex.entropy.knn_entropy` vs the LaREx reference computation (per image, per
   dimension ``entropy_estimators.continuous.get_h(x.reshape(-1, 1), k, norm="max", min_dist=1e-5)`` in a
@@ -9,10 +10,23 @@ Every row is measured in this run, on the same inputs, for larex and its referen
   ``sklearn.covariance.EmpiricalCovariance.mahalanobis``.
 * ``baselines/*`` every logits/feature baseline YAML in ``configs/baselines`` (instantiated with Hydra)
   vs its pytorch-ood 0.4 counterpart, compared after the documented sign/scale conversion.
+* ``mc/*``        MC extraction with the shared deterministic prefix (``FeatureExtractor(share_prefix=True)``:
+  the layers before the first dropout/DropBlock layer run once per image) vs S full passes
+  (``share_prefix=False``), S=16, on a random-init ResNet-18 (hooked at ``dropblock``, 32x32) and SmallCNN
+  (hooked at ``block3``, 28x28), with keys ``latent`` and ``latent + mc_logits``; same seed, so the
+  latents must agree to 1e-6.
+* ``memory/*``    peak RSS of the extraction stage (``Trainer.predict`` streaming to safetensors shards)
+  at N and 10N images, each in a fresh process: the goal is <20% growth.
+* ``stages/*``    (opt-in: ``--rows ...,stages``; the full demo takes minutes) per-stage wall time of
+  ``larex-run experiment=fmnist_demo`` (tiny overrides with --quick), read from its "stage times" table;
+  needs Debian's Fashion-MNIST in /usr/share/datasets/fashion-mnist (a row says so when it is missing).
+
+Default groups (plain ``make bench``): entropy, scoring, baselines, mc, memory.
 
 Prints one Rich table and writes it atomically as ``<out>/bench.csv`` and ``<out>/bench.md``.
 Timing: ``time.perf_counter``; every call runs once as warm-up, calls faster than ``FAST_S`` are then
-repeated and the median is reported. Slow references are timed on a subset and scaled linearly (the
+repeated and the median is reported (``mc`` rows: the median of ``REPEATS`` calls after the warm-up, however
+long they take). Slow references are timed on a subset and scaled linearly (the
 row's note says so). A row that fails reports the error in its note; the others still run.
 """
 from __future__ import annotations
@@ -42,7 +56,8 @@ from larex.io import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ("row", "inputs", "larex_s", "reference_s", "ratio", "goal", "met", "max_abs_err", "note")
-GROUPS = ("entropy", "scoring", "baselines")
+GROUPS = ("entropy", "scoring", "baselines", "mc", "memory", "stages")
+DEFAULT_GROUPS = ("entropy", "scoring", "baselines", "mc", "memory")  # plain `make bench`; stages is opt-in
 FAST_S = 1.0  # calls faster than this are repeated (median of REPEATS) after the warm-up
 REPEATS = 3
 REF_LIMIT_S = 30.0  # pytorch-ood scoring estimated slower than this (from a pilot) is timed on a subset, scaled
@@ -63,13 +78,19 @@ class Sizes:
     base_classes: int
     base_pilot: int  # pytorch-ood scoring pilot size (decides full run vs subset + scaling)
     base_methods: tuple[str, ...] | None  # None = every eligible YAML
+    mc_resnet: tuple[int, int] = (8, 2)  # (images per batch, batches) of the ResNet-18 MC rows
+    mc_cnn: tuple[int, int] = (64, 2)  # (images per batch, batches) of the SmallCNN MC rows
+    mem_images: int = 1_000  # N of the memory rows (and 10 N)
+    mem_batch: int = 256  # their batch size (extract.batch_size default); N holds several batches
+    stages_quick: bool = False  # stages: tiny overrides instead of the full fmnist_demo
 
 
 DEFAULT = Sizes(((200, 16, 512), (200, 32, 2048)), 5, 50_000, 50_000, 64, 500,
                 50_000, 50_000, 512, 100, 2_000, None)
 QUICK = Sizes(((12, 16, 64), (12, 32, 128)), 2, 1_000, 1_000, 16, 100,
               1_000, 1_000, 32, 5, 500,
-              ("msp", "gen", "kl_matching", "mdist", "ddu", "knn", "vim", "react", "she"))
+              ("msp", "gen", "kl_matching", "mdist", "ddu", "knn", "vim", "react", "she"),
+              mc_resnet=(1, 1), mc_cnn=(16, 1), mem_images=160, mem_batch=40, stages_quick=True)
 
 
 # ----------------------------------------------------------------------------------------------- rows
@@ -581,6 +602,360 @@ def _compare_baseline(ctx: Ctx, name: str, inputs: str, t_ours: float, ours: np.
     return Row(name, inputs, t_ours, t_ref, ratio, goal, met, err, f"{note}; rel err {rel:.1e}; spearman {rho:.6f}")
 
 
+# ----------------------------------------------------------------------------------------------- mc
+MC_SAMPLES = 16
+MC_ERR_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class McCase:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    hooked_layer: str
+    mc_layer: str  # the first dropout/DropBlock layer: the shared prefix ends at its input
+    prefix: str  # words for the prefix, for the note
+    shape: tuple[int, int, int]
+    drop_prob: float  # as in configs/hooked_layer
+    speed_goal: float | None  # latent-only goal (x); None = only ">=1x"
+    why: str  # why the goal is what it is
+
+
+def mc_cases(ctx: Ctx) -> list[tuple[McCase, tuple[int, int]]]:
+    from larex.models.resnet import ResNet18
+    from larex.models.small_cnn import SmallCNN
+
+    resnet = McCase("resnet18", lambda: ResNet18(num_classes=10, in_channels=3, dropblock_prob=0.1,
+                                                 dropblock_after="layer3"),
+                    "dropblock", "dropblock", "stem..layer3", (3, 32, 32), 0.3, 5.0,
+                    "goal >=5x: the prefix stem..layer3 is most of the compute and layer4 is skipped")
+    cnn = McCase("small_cnn", lambda: SmallCNN(in_channels=1, num_classes=8), "block3", "dropblock",
+                 "block1..block2", (1, 28, 28), 0.5, None,
+                 "no speed goal beyond >=1x: the prefix is only {macs:.0%} of this net's conv MACs (block3 "
+                 "does the rest S times) but {time:.0%} of the pass time here (its full-resolution maps: "
+                 "memory-bound BN/max-pool), so the gain depends on the hardware")
+    return [(resnet, ctx.sizes.mc_resnet), (cnn, ctx.sizes.mc_cnn)]
+
+
+class _StopPass(Exception):
+    """Raised by a bench hook to end a forward pass early."""
+
+
+def pass_cost(model: torch.nn.Module, x: torch.Tensor, mc_layer: torch.nn.Module,
+              stop: torch.nn.Module | None) -> tuple[int, int]:
+    """Conv/linear multiply-accumulates of one eval forward of ``x``: (before ``mc_layer``'s input,
+    until ``stop``'s output or the end when ``stop`` is None)."""
+    macs, state = [0, 0], {"prefix": True}
+
+    def count(m: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        per_out = (m.in_channels // m.groups * math.prod(m.kernel_size) if isinstance(m, torch.nn.Conv2d)
+                   else m.in_features)
+        n = out.numel() * per_out
+        macs[1] += n
+        if state["prefix"]:
+            macs[0] += n
+
+    def at_mc(*_: Any) -> None:
+        state["prefix"] = False
+
+    def end(*_: Any) -> None:
+        raise _StopPass
+
+    with contextlib.ExitStack() as stack:
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                stack.callback(m.register_forward_hook(count).remove)
+        stack.callback(mc_layer.register_forward_pre_hook(at_mc).remove)
+        if stop is not None:
+            stack.callback(stop.register_forward_hook(end).remove)
+        with torch.inference_mode(), contextlib.suppress(_StopPass):
+            model(x)
+    return macs[0], macs[1]
+
+
+def time_pass(ctx: Ctx, model: torch.nn.Module, x: torch.Tensor, module: torch.nn.Module | None,
+              before: bool, repeats: int) -> float:
+    """Median seconds (after one warm-up) of an eval forward of ``x`` that ends at ``module``'s input
+    (``before``) or output, or runs to the end (``module`` None)."""
+    def end(*_: Any) -> None:
+        raise _StopPass
+
+    def call() -> None:
+        with contextlib.ExitStack() as stack:
+            if module is not None:
+                hook = module.register_forward_pre_hook(end) if before else module.register_forward_hook(end)
+                stack.callback(hook.remove)
+            with torch.inference_mode(), contextlib.suppress(_StopPass):
+                model(x)
+        ctx.sync()
+
+    return median_time(call, call, repeats)[0]
+
+
+def median_time(fn: Callable[[], Any], warmup: Callable[[], Any] | None, repeats: int) -> tuple[float, Any]:
+    """``warmup()`` once (unless None), then the median seconds of ``repeats`` calls of ``fn`` and its last
+    result."""
+    if warmup is not None:
+        warmup()
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def mc_rows(ctx: Ctx) -> list[Row]:
+    from larex.extraction.hooks import resolve_module
+    from larex.extraction.module import FeatureExtractor
+
+    rows: list[Row] = []
+    repeats = 1 if ctx.quick else REPEATS
+    s = MC_SAMPLES
+    for case, (b, n_batches) in mc_cases(ctx):
+        inputs = (f"{b * n_batches} image(s) {'x'.join(map(str, case.shape))} in {n_batches} batch(es) of {b}, "
+                  f"S={s}")
+        try:
+            torch.manual_seed(ctx.seed)
+            model = case.build().eval().to(ctx.device)
+            gen = torch.Generator().manual_seed(ctx.seed + 11)
+            batches = [(torch.rand(b, *case.shape, generator=gen).to(ctx.device),
+                        torch.randint(0, 8, (b,), generator=gen), torch.arange(i * b, (i + 1) * b))
+                       for i in range(n_batches)]
+            mc_layer, hooked = resolve_module(model, case.mc_layer), resolve_module(model, case.hooked_layer)
+            rep = batches[0][0].repeat_interleave(s, dim=0)  # pass-time model: one batch as S-fold rows
+            ctx.log(f"mc {case.name}: prefix share")
+            t_pre = time_pass(ctx, model, rep, mc_layer, True, repeats)
+        except Exception as exc:  # noqa: BLE001
+            for tag in ("latent", "latent+mc_logits"):
+                rows.append(error_row(f"mc/{case.name}/{tag}", inputs, "", exc))
+            continue
+        for keys in (("latent",), ("latent", "mc_logits")):
+            tag = "+".join(keys)
+            name = f"mc/{case.name}/{tag}"
+            goal = case.speed_goal if keys == ("latent",) else None
+            goal_s = f">={goal or 1:g}x, err<={MC_ERR_TOL:g}"
+            try:
+                stop = hooked if keys == ("latent",) else None
+                macs_pre, macs_all = pass_cost(model, batches[0][0][:1], mc_layer, stop)
+                t_stop = time_pass(ctx, model, rep, stop, False, repeats)
+                t_pre_stop = min(t_pre, t_stop)  # the prefix is part of the pass (timing noise aside)
+                ideal = t_stop / (t_pre_stop / s + t_stop - t_pre_stop)
+
+                def run(share: bool) -> tuple[float, list[dict[str, torch.Tensor]]]:
+                    ext = FeatureExtractor(model, hooked_layer=case.hooked_layer, head="fc", mc_samples=s,
+                                           keys=keys, seed=ctx.seed, drop_prob=case.drop_prob,
+                                           share_prefix=share)
+
+                    def call() -> list[dict[str, torch.Tensor]]:
+                        out = [ext.predict_step(batch, i) for i, batch in enumerate(batches)]
+                        ctx.sync()
+                        return out
+
+                    warm = None if ctx.quick else (lambda: ext.predict_step(batches[0], 0))
+                    return median_time(call, warm, repeats)
+
+                ctx.log(f"mc {case.name} {tag}: share_prefix=True")
+                t_shared, shared = run(True)
+                ctx.log(f"mc {case.name} {tag}: share_prefix=False (S full passes)")
+                t_full, full = run(False)
+                errs = {k: max(float((a[k] - c[k]).abs().max()) for a, c in zip(shared, full)) for k in keys}
+                err = max(errs.values())
+                ratio = t_full / t_shared
+                stop_words = f"{case.hooked_layer} (pass stops there)" if stop is not None else "the logits"
+                note = (f"larex_s = share_prefix=True ({case.prefix} once per image, the rest on the S-fold "
+                        f"batch), reference_s = share_prefix=False (S full passes), ratio = full/shared; "
+                        f"drop_prob={case.drop_prob:g}, seed {ctx.seed}, "
+                        + ("one call, no warm-up (--quick)" if ctx.quick else f"warm-up, median of {repeats}")
+                        + f"; prefix = "
+                        f"{t_pre_stop / t_stop:.0%} of the time of a pass up to {stop_words} "
+                        f"({macs_pre / macs_all:.0%} of its conv/linear MACs), so a prefix-once, rest-S-times "
+                        f"time model predicts {ideal:.1f}x; err = max|shared - full| of "
+                        + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+                if keys == ("latent",):
+                    note += "; " + case.why.format(macs=macs_pre / macs_all, time=t_pre_stop / t_stop)
+                else:
+                    note += "; mc_logits: the tail after the MC layer runs S times in both, so no speed goal"
+                met = bool(ratio >= (goal or 1.0) and err <= MC_ERR_TOL)
+                rows.append(Row(name, inputs, t_shared, t_full, ratio, goal_s, met, err, note))
+            except Exception as exc:  # noqa: BLE001
+                rows.append(error_row(name, inputs, goal_s, exc))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- memory
+MEM_GROWTH = 1.2  # goal: peak RSS at 10x the images < 1.2 x peak RSS at 1x
+
+
+class LazyImages(torch.utils.data.Dataset):
+    """``n`` deterministic 1x28x28 images made on demand from their index (memory does not grow with n):
+    items ``(x, y, index)``."""
+
+    def __init__(self, n: int, shape: tuple[int, ...] = (1, 28, 28), classes: int = 8) -> None:
+        self.n, self.shape, self.classes = n, shape, classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        g = torch.Generator().manual_seed(int(i))
+        return torch.rand(self.shape, generator=g), int(i) % self.classes, int(i)
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set size in MiB: ``VmHWM`` of /proc/self/status (Linux), else
+    ``ru_maxrss``. (On Linux ``ru_maxrss`` survives exec: a child would report its parent's peak.)"""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    import resource
+
+    scale = 1.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / 1024.0
+
+
+def memory_child(n: int, batch: int, directory: Path) -> dict[str, float]:
+    """Extraction of ``n`` lazy images as in the extract stage (SmallCNN, every feature key, S=16,
+    shards of 1024 rows): peak RSS (MiB) after set-up and at the end, wall seconds of predict + close."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from larex.extraction.module import KNOWN_KEYS, FeatureExtractor
+    from larex.extraction.writer import ShardPredictionWriter
+    from larex.io import ShardWriter
+    from larex.models.small_cnn import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, num_classes=8).eval()
+    ext = FeatureExtractor(model, hooked_layer="block3", head="fc", mc_samples=MC_SAMPLES, keys=KNOWN_KEYS,
+                           seed=0, drop_prob=0.5)
+    loader = DataLoader(LazyImages(n), batch_size=batch, shuffle=False, num_workers=0)
+    writer = ShardWriter(directory, "bench", shard_size=1024, total=n)
+    callback = ShardPredictionWriter(writer)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=str(directory), callbacks=[callback])
+    setup = _peak_rss_mib()
+    t0 = time.perf_counter()
+    trainer.predict(ext, loader, return_predictions=False)
+    writer.close()
+    wall = time.perf_counter() - t0
+    if callback.rows != n:
+        raise RuntimeError(f"the writer got {callback.rows} rows, expected {n}")
+    return {"n": n, "batch": batch, "setup_mib": setup, "peak_mib": _peak_rss_mib(), "wall_s": wall}
+
+
+def run_memory_child(n: int, batch: int, timeout: float) -> dict[str, float]:
+    """``memory_child(n, batch)`` in a fresh interpreter (so its peak RSS is its own), shards in a temp folder."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="larex-bench-mem-") as tmp:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n), str(batch), tmp],
+                              cwd=tmp, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = " ".join(proc.stderr.split()[-60:])
+        raise RuntimeError(f"memory child (N={n}) exited with {proc.returncode}: {tail}")
+    return json.loads(lines[-1])
+
+
+def memory_rows(ctx: Ctx) -> list[Row]:
+    n = ctx.sizes.mem_images
+    name, goal_s = "memory/extract", f"<{MEM_GROWTH:g} (growth <{MEM_GROWTH - 1:.0%})"
+    inputs = f"N={n} vs {10 * n} images 1x28x28, batch {ctx.sizes.mem_batch}"
+    try:
+        ctx.log(f"memory: extraction of {n} images (subprocess)")
+        one = run_memory_child(n, ctx.sizes.mem_batch, timeout=600)
+        ctx.log(f"memory: extraction of {10 * n} images (subprocess)")
+        ten = run_memory_child(10 * n, ctx.sizes.mem_batch, timeout=1800)
+    except Exception as exc:  # noqa: BLE001
+        return [error_row(name, inputs, goal_s, exc)]
+    ratio = ten["peak_mib"] / one["peak_mib"]
+    inputs += f"; peak RSS {one['peak_mib']:.0f} MiB vs {ten['peak_mib']:.0f} MiB"
+    growth = [r["peak_mib"] - r["setup_mib"] for r in (one, ten)]
+    note = (f"SmallCNN FeatureExtractor (every feature key, S={MC_SAMPLES}, batch {ctx.sizes.mem_batch}) in "
+            f"pl.Trainer.predict(return_predictions=False) + ShardPredictionWriter (shards of 1024 rows), images "
+            f"made per index, each size in a fresh process; peak RSS (VmHWM) {one['peak_mib']:.1f} MiB at "
+            f"1x, {ten['peak_mib']:.1f} MiB at 10x, of which set-up (imports, model) {one['setup_mib']:.1f} / "
+            f"{ten['setup_mib']:.1f} MiB and extraction {growth[0]:.1f} / {growth[1]:.1f} MiB; ratio = peak "
+            f"RSS(10x)/peak RSS(1x); larex_s = wall time of predict + close at 10x, reference_s = the same at 1x")
+    return [Row(name, inputs, ten["wall_s"], one["wall_s"], ratio, goal_s, ratio < MEM_GROWTH, math.nan, note)]
+
+
+# ----------------------------------------------------------------------------------------------- stages
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_FILES = tuple(f"{p}-{k}-ubyte.gz" for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1"))
+STAGES = ("train", "extract", "aggregate", "evaluate")
+STAGES_QUICK = ("train.limit.fit=512", "train.limit.val=128", "model.train.epochs=1", "limit.fit=200",
+                "limit.val=100", "limit.test=100", "limit.ood=50", "hooked_layer.mc_samples=6",
+                "baselines=[msp,energy]")
+STAGES_TIMEOUT_S = 1800.0
+
+
+def parse_stage_times(text: str) -> dict[str, float]:
+    """Seconds per stage from the "stage times" table ``larex-run`` prints (any box characters)."""
+    import re
+
+    start = text.rfind("stage times")
+    if start < 0:
+        raise ValueError("larex-run printed no 'stage times' table")
+    pattern = re.compile(r"^\W*(" + "|".join(STAGES) + r")\W+([0-9]+(?:\.[0-9]+)?)\W*$")
+    times = {}
+    for line in text[start:].splitlines():
+        m = pattern.match(line.strip())
+        if m:
+            times[m.group(1)] = float(m.group(2))
+    missing = [s for s in STAGES if s not in times]
+    if missing:
+        raise ValueError(f"the 'stage times' table of larex-run lacks the stage(s) {missing}")
+    return times
+
+
+def stages_rows(ctx: Ctx) -> list[Row]:
+    import tempfile
+
+    quick = ctx.sizes.stages_quick
+    inputs = "experiment=fmnist_demo" + (" + tiny overrides (--quick)" if quick else "")
+    missing = [f for f in FMNIST_FILES if not (FMNIST_DIR / f).is_file()]
+    if missing:
+        return [Row("stages/fmnist_demo", inputs, goal="-",
+                    note=f"skipped: Fashion-MNIST files not found in {FMNIST_DIR} ({', '.join(missing)}); "
+                         "`apt-get install dataset-fashion-mnist` provides them")]
+    exe = Path(sys.executable).parent / "larex-run"
+    try:
+        if not exe.is_file():
+            raise FileNotFoundError(f"console script {exe} not found next to {sys.executable}; "
+                                    "`pip install -e .` in this environment installs it")
+        with tempfile.TemporaryDirectory(prefix="larex-bench-stages-") as tmp:
+            cmd = [str(exe), "experiment=fmnist_demo", f"output_root={tmp}/outputs", "progress=false",
+                   f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"device={ctx.device.type}",
+                   *(STAGES_QUICK if quick else ())]
+            env = {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                   **os.environ, "COLUMNS": "120"}
+            ctx.log(f"stages: {' '.join(cmd[1:])}")
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=STAGES_TIMEOUT_S)
+            wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            tail = " ".join((proc.stderr + proc.stdout).split()[-60:])
+            raise RuntimeError(f"larex-run exited with {proc.returncode}: {tail}")
+        times = parse_stage_times(proc.stdout)
+    except Exception as exc:  # noqa: BLE001
+        return [error_row(f"stages/{s}", inputs, "-", exc) for s in STAGES]
+    total = sum(times.values())
+    slowest = max(times, key=times.__getitem__)
+    rows = []
+    for s in STAGES:
+        note = f"{times[s] / total:.0%} of the {total:.1f} s of the four stages"
+        if s == slowest:
+            note += " (slowest stage)"
+        if s == STAGES[0]:
+            note += f"; larex-run wall time {wall:.1f} s (start-up included), device {ctx.device.type}"
+        rows.append(Row(f"stages/{s}", inputs, times[s], goal="-", note=note))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- output
 def machine_info(device: torch.device) -> dict[str, str]:
     try:
@@ -627,7 +1002,8 @@ def to_markdown(rows: list[Row], info: dict[str, str], argv: list[str], wall: fl
         f"- git commit: {info['git_commit']}",
         f"- load average at start (1/5/15 min): {info['load_avg_start']}",
         f"- command: `{' '.join(['scripts/bench.py', *argv])}`; total wall time {wall:.0f} s",
-        "- ratio = reference_s / larex_s (except `entropy/scaling`: t(4N)/t(N)); times in seconds, "
+        "- ratio = reference_s / larex_s (except `entropy/scaling`: t(4N)/t(N); `memory/extract`: peak RSS "
+        "at 10N / at N); times in seconds, "
         "warm-up once, median of a few repeats for calls under 1 s",
         "",
         "| " + " | ".join(COLUMNS) + " |",
@@ -661,9 +1037,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                    help="device for the larex side (references always run on CPU); auto = cuda if available")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench", help="folder for bench.csv / bench.md")
-    p.add_argument("--rows", default=",".join(GROUPS),
-                   help=f"comma-separated subset of {','.join(GROUPS)} (default: all)")
+    p.add_argument("--rows", default=",".join(DEFAULT_GROUPS),
+                   help=f"comma-separated subset of {','.join(GROUPS)} (default: {','.join(DEFAULT_GROUPS)}; "
+                        "stages is opt-in: it runs the whole fmnist_demo, several minutes on 2 CPU cores)")
+    p.add_argument("--memory-child", nargs=3, metavar=("N", "BATCH", "DIR"), help=argparse.SUPPRESS)  # memory rows' worker
     args = p.parse_args(argv)
+    if args.memory_child:
+        return args
     groups = [g.strip() for g in args.rows.split(",") if g.strip()]
     bad = [g for g in groups if g not in GROUPS]
     if bad or not groups:
@@ -679,6 +1059,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.memory_child:
+        import json
+
+        print(json.dumps(memory_child(int(args.memory_child[0]), int(args.memory_child[1]), Path(args.memory_child[2]))), flush=True)
+        return 0
     t0 = time.perf_counter()
     info = machine_info(args.device)
 
@@ -686,7 +1071,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     ctx = Ctx(device=args.device, sizes=QUICK if args.quick else DEFAULT, quick=args.quick, log=log)
-    builders = {"entropy": entropy_rows, "scoring": scoring_rows, "baselines": baseline_rows}
+    builders = {"entropy": entropy_rows, "scoring": scoring_rows, "baselines": baseline_rows, "mc": mc_rows,
+                "memory": memory_rows, "stages": stages_rows}
     rows: list[Row] = []
     for group in args.groups:
         try:
