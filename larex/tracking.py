@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # MLflow's param value limit; longer values are truncated (and marked) rather than failing the run.
 _MAX_PARAM_LEN = 6000
+
+
+def metric_key(name: str) -> str:
+    """``name`` with every character MLflow does not allow in a metric name replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-./ :]", "_", name)
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -108,7 +114,8 @@ class Tracker:
             self._mlflow.log_params(dict(items[i:i + 100]))
 
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        """Log metrics; characters MLflow rejects in names (e.g. ``+``) become ``_``."""
+        self._mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)

@@ -1034,6 +1034,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds; used by tests/test_bench.py)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="also log the table to this MLflow tracking URI (e.g. sqlite:///outputs/mlflow.db)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                    help="device for the larex side (references always run on CPU); auto = cuda if available")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench", help="folder for bench.csv / bench.md")
@@ -1085,7 +1087,30 @@ def main(argv: list[str] | None = None) -> int:
     write_text(out / "bench.csv", to_csv(rows))
     write_text(out / "bench.md", to_markdown(rows, info, argv, wall))
     print(f"wrote {out / 'bench.csv'} and {out / 'bench.md'} ({wall:.0f} s)")
+    if args.tracking_uri:
+        log_to_mlflow(args.tracking_uri, rows, info, out, wall)
     return 0
+
+
+def log_to_mlflow(uri: str, rows: list[Row], info: dict[str, str], out: Path, wall: float) -> None:
+    """One MLflow run in experiment ``larex-bench``: ratios/times/errors as metrics, the tables as artifacts."""
+    from larex.tracking import Tracker
+
+    tracker = Tracker(uri, "larex-bench")
+    metrics = {"wall_s": wall}
+    for r in rows:
+        for field in ("larex_s", "reference_s", "ratio", "max_abs_err"):
+            v = getattr(r, field)
+            if isinstance(v, float) and math.isfinite(v):
+                metrics[f"{r.row}/{field}"] = v
+        if r.met is not None:
+            metrics[f"{r.row}/met"] = float(r.met)
+    with tracker.start_run(run_name=f"bench {info.get('git_commit', '')}".strip(), tags={"larex.stage": "bench"}):
+        tracker.log_params(info)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(out / "bench.csv")
+        tracker.log_artifact(out / "bench.md")
+    print(f"logged to MLflow {uri} (experiment larex-bench, run {tracker.run_id})")
 
 
 if __name__ == "__main__":

@@ -53,8 +53,15 @@ def _load_bench(monkeypatch):
 
 
 def test_quick_bench_writes_complete_table(tmp_path):
-    rows, elapsed = _run_bench(tmp_path, timeout=120)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rows, elapsed = _run_bench(tmp_path, "--tracking-uri", uri, timeout=120)
     assert elapsed < 60, f"--quick took {elapsed:.0f} s"
+    from larex.tracking import list_runs, read_run
+
+    (run,) = list_runs(uri, "larex-bench")
+    logged = read_run(uri, run["run_id"])
+    assert logged["metrics"]["scoring/lared/ratio"] == pytest.approx(float(rows["scoring/lared"]["ratio"]), rel=1e-6)
+    assert {"bench.csv", "bench.md"} <= set(logged["artifacts"])
     expected = (ENTROPY_ROWS | {"scoring/lared", "scoring/larem"} | {f"baselines/{m}" for m in QUICK_BASELINES}
                 | MC_ROWS | {"memory/extract"})
     assert set(rows) == expected  # default groups: no stages/* rows
