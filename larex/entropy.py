@@ -48,12 +48,12 @@ def _kth_neighbour_distance(sorted_vals: torch.Tensor, k: int) -> torch.Tensor:
     # padded[:, p + k] == sorted_vals[:, p]; out-of-range window ends give an infinite width.
     padded = torch.cat([-pad, sorted_vals, pad], dim=1)
     best = torch.full_like(sorted_vals, float("inf"))
+    left, right = torch.empty_like(sorted_vals), torch.empty_like(sorted_vals)  # reused: no allocation per pass
     for j in range(k + 1):  # window [p - j, p - j + k]; slices along dim 1 are contiguous rows of D
-        width = torch.maximum(
-            sorted_vals - padded[:, k - j : k - j + s],
-            padded[:, 2 * k - j : 2 * k - j + s] - sorted_vals,
-        )
-        torch.minimum(best, width, out=best)
+        torch.sub(sorted_vals, padded[:, k - j : k - j + s], out=left)
+        torch.sub(padded[:, 2 * k - j : 2 * k - j + s], sorted_vals, out=right)
+        torch.maximum(left, right, out=left)
+        torch.minimum(best, left, out=best)
     return best
 
 
