@@ -64,18 +64,27 @@ def producible_features(cfg: DictConfig) -> set[str]:
     return keys
 
 
+def feature_option(key: str) -> str:
+    """The config setting that makes the extract/aggregate stages write feature ``key``."""
+    if key in AGGREGATE_KEYS:
+        return "larex-aggregate (with 'latent' in extract.features)"
+    if key.startswith("nac."):
+        return f"extract.nac_layers=[{key[4:]}]"
+    if key == ODIN_KEY:
+        return ODIN_HINT
+    if key in HEAD_KEYS:
+        return "model.head=<dotted path of the final linear layer>"
+    return f"extract.features=[...,{key}]"
+
+
 def check_requirements(cfg: DictConfig) -> None:
     """Fail before any compute when a selected method needs a feature this config does not extract."""
     have = producible_features(cfg)
     for name, spec in postprocessor_specs(cfg).items():
         missing = [k for k in instantiate(spec).requires if k not in have]
         if missing:
-            hints = [f"extract.nac_layers=[{k[4:]}]" if k.startswith("nac.")
-                     else ODIN_HINT if k == ODIN_KEY
-                     else "model.head=<final linear layer>" if k in HEAD_KEYS
-                     else f"extract.features=[...,{k}]" for k in missing]
             raise common.ConfigError(f"method {name} needs feature(s) {missing}, which this config does not "
-                                     f"extract; add {' and '.join(hints)} or drop the method")
+                                     f"extract; add {' and '.join(map(feature_option, missing))} or drop the method")
 
 
 def evaluate_hash(cfg: DictConfig) -> str:
@@ -108,21 +117,9 @@ class FeatureStore:
                                     f"{self.extract / split}: run larex-extract (or larex-run) first")
         missing = [k for k in requires if k not in self.available(split)]
         if missing:
-            hints = []
-            for k in missing:
-                if k in AGGREGATE_KEYS:
-                    hints.append(f"'{k}' is written by larex-aggregate")
-                elif k.startswith("nac."):
-                    hints.append(f"'{k}' is written by larex-extract with extract.nac_layers=[{k[4:]}]")
-                elif k == ODIN_KEY:
-                    hints.append(f"'{k}' is written by larex-extract with {ODIN_HINT}")
-                elif k in HEAD_KEYS:
-                    hints.append(f"'{k}' is written by larex-extract when model.head names the final linear layer")
-                else:
-                    hints.append(f"'{k}' is written by larex-extract when extract.features contains it "
-                                 f"(extract.features=[...,{k}])")
-            raise KeyError(f"method {method} needs feature(s) {missing} of split {split}, which are missing: "
-                           + "; ".join(hints))
+            raise KeyError(f"method {method} needs feature(s) {missing} of split {split}, which are missing; "
+                           f"produce them with {' and '.join(map(feature_option, missing))} and rerun "
+                           "larex-extract / larex-aggregate")
 
     def rows(self, split: str) -> int:
         return int((io.read_manifest(self.extract / split) or {}).get("rows", 0))
@@ -164,6 +161,20 @@ def method_rows(method: str, scores: Mapping[str, np.ndarray], oods: list[str], 
     return rows, flat
 
 
+def _marked_rows(df: pd.DataFrame, col: str, better: str, mark) -> list[tuple[str, list[str]]]:
+    """(method, cells) per method for metric ``col``; the best value of each OOD column passed through ``mark``."""
+    oods = list(dict.fromkeys(df["ood"]))
+    best = {o: getattr(df.loc[df["ood"] == o, col], better)() for o in oods}
+    rows = []
+    for method in dict.fromkeys(df["method"]):
+        cells = []
+        for ood in oods:
+            v = df.loc[(df["ood"] == ood) & (df["method"] == method), col].iloc[0]
+            cells.append(mark(f"{v:.4f}") if np.isclose(v, best[ood]) else f"{v:.4f}")
+        rows.append((method, cells))
+    return rows
+
+
 def results_tables(df: pd.DataFrame, title: str) -> list[Table]:
     """Two Rich tables (AUROC ↑ and FPR95 ↓): method rows × OOD-set columns, best per column in bold green."""
     oods = list(dict.fromkeys(df["ood"]))
@@ -174,12 +185,7 @@ def results_tables(df: pd.DataFrame, title: str) -> list[Table]:
         t.add_column("method", style="bold", no_wrap=True)
         for ood in oods:
             t.add_column(ood, justify="right", no_wrap=True)
-        best = {o: getattr(df.loc[df["ood"] == o, col], better)() for o in oods}
-        for method in dict.fromkeys(df["method"]):
-            cells = []
-            for ood in oods:
-                v = df.loc[(df["ood"] == ood) & (df["method"] == method), col].iloc[0]
-                cells.append(f"[bold green]{v:.4f}[/]" if np.isclose(v, best[ood]) else f"{v:.4f}")
+        for method, cells in _marked_rows(df, col, better, lambda v: f"[bold green]{v}[/]"):
             t.add_row(method, *cells)
         tables.append(t)
     return tables
@@ -192,12 +198,7 @@ def results_markdown(df: pd.DataFrame, title: str) -> str:
     for col, better in (("auroc", "max"), ("fpr95", "min")):
         lines += [f"## {col.upper()} ({'higher' if better == 'max' else 'lower'} is better)", "",
                   "| method | " + " | ".join(oods) + " |", "|---|" + "---:|" * len(oods)]
-        best = {o: getattr(df.loc[df["ood"] == o, col], better)() for o in oods}
-        for method in dict.fromkeys(df["method"]):
-            cells = []
-            for ood in oods:
-                v = df.loc[(df["ood"] == ood) & (df["method"] == method), col].iloc[0]
-                cells.append(f"**{v:.4f}**" if np.isclose(v, best[ood]) else f"{v:.4f}")
+        for method, cells in _marked_rows(df, col, better, lambda v: f"**{v}**"):
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
