@@ -192,10 +192,12 @@ def results_tables(df: pd.DataFrame, title: str) -> list[Table]:
 
 
 def results_markdown(df: pd.DataFrame, title: str) -> str:
-    """The same two tables as Markdown (best per column in bold), for the run folder and MLflow."""
+    """Every metric as a Markdown table (method × OOD set, best per column in bold), for the run folder and
+    MLflow; the console shows AUROC and FPR95 only."""
     oods = list(dict.fromkeys(df["ood"]))
     lines = [f"# {title}", ""]
-    for col, better in (("auroc", "max"), ("fpr95", "min")):
+    for col in METRIC_COLUMNS:
+        better = "min" if col in LOWER_IS_BETTER else "max"
         lines += [f"## {col.upper()} ({'higher' if better == 'max' else 'lower'} is better)", "",
                   "| method | " + " | ".join(oods) + " |", "|---|" + "---:|" * len(oods)]
         for method, cells in _marked_rows(df, col, better, lambda v: f"**{v}**"):
