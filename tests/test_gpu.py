@@ -1,0 +1,41 @@
+"""CUDA paths give the CPU results (run with `pytest -m gpu` on a machine with a GPU; skipped elsewhere)."""
+import numpy as np
+import pytest
+import torch
+
+from larex.entropy import knn_entropy
+from larex.extraction.module import FeatureExtractor
+from larex.models.small_cnn import SmallCNN
+from larex.postprocessors.lared import LaRED
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_entropy_on_cuda_equals_cpu():
+    x = torch.randn(40, 16, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).round(decimals=1)
+    cpu = knn_entropy(x)
+    gpu = knn_entropy(x.cuda())
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-12)
+
+
+def test_lared_on_cuda_equals_cpu():
+    rng = np.random.default_rng(0)
+    fit, val, test = (rng.normal(size=(n, 8)) for n in (300, 100, 50))
+    kw = dict(pca=None, bandwidth=0.7, standardize=False)
+    cpu = LaRED(**kw).fit({"entropy": fit}, {"entropy": val}).score({"entropy": test})
+    gpu = LaRED(device="cuda", **kw).fit({"entropy": fit}, {"entropy": val}).score({"entropy": test})
+    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-9)
+
+
+def test_feature_extractor_on_cuda_matches_cpu_deterministic_outputs():
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, num_classes=5, width=8).eval()
+    x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    batch = (x, torch.zeros(6, dtype=torch.long), torch.arange(6))
+    keys = ("latent", "logits", "penultimate")
+    cpu = FeatureExtractor(model, hooked_layer="block3", mc_samples=4, keys=keys).predict_step(batch)
+    gpu = FeatureExtractor(model.cuda(), hooked_layer="block3", mc_samples=4, keys=keys).predict_step(batch)
+    torch.testing.assert_close(gpu["logits"], cpu["logits"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu["penultimate"], cpu["penultimate"], rtol=1e-4, atol=1e-4)
+    assert gpu["latent"].shape == cpu["latent"].shape and gpu["latent"].device.type == "cpu"
