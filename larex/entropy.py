@@ -14,9 +14,14 @@ Algorithm: in 1-D the k nearest neighbours of a point, together with the point, 
 of the sorted sample, so ``d_k(p) = min_{a in [p-k, p]} max(y_p - y_a, y_{a+k} - y_p)`` over windows
 ``[a, a+k]`` inside ``[0, S-1]``. One sort plus k+1 shifted element-wise passes; no KD-tree, no loop over
 N or D.
+
+Two implementations of that algorithm, equal to ~1e-15: on CPU a fused numba kernel
+(:mod:`larex._entropy_numba`: sorting network + windows + log per cache-sized tile, one pass over the data);
+on other devices (and with ``backend="torch"``) chunked torch tensor ops.
 """
 from __future__ import annotations
 
+import functools
 import numpy as np
 import torch
 from scipy.special import digamma
@@ -73,6 +78,7 @@ def knn_entropy(
     k: int | None = None,
     min_dist: float = 1e-5,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Per-dimension kNN entropy of MC samples.
 
@@ -82,7 +88,10 @@ def knn_entropy(
         min_dist: lower bound on the k-th neighbour distance (avoids ``log 0`` for repeated values);
             ``0`` reproduces the unclipped estimator (then ties can give ``-inf``).
         chunk_size: number of inputs (rows of N) processed at once to bound memory; default keeps a chunk
-            at about 64M elements on GPU and 512K on CPU (cache-sized, faster there).
+            at about 64M elements on GPU and 512K on CPU (cache-sized, faster there). The numba kernel
+            tiles by itself; there ``chunk_size`` only bounds the rows converted to float at once.
+        backend: ``"auto"`` (numba kernel for CPU tensors/arrays, torch ops elsewhere), ``"numba"`` (CPU
+            only) or ``"torch"`` (any device; the straightforward tensor implementation).
 
     Returns:
         ``[N, D]`` tensor on the input's device. float64 input gives float64, float32 stays float32,
@@ -117,6 +126,12 @@ def knn_entropy(
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         chunk_size = int(chunk_size)
 
+    if backend not in ("auto", "numba", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    if backend == "numba" and x.device.type != "cpu":
+        raise ValueError(f"backend='numba' runs on CPU only, got a tensor on {x.device}; use backend='auto' or 'torch'")
+    use_numba = backend == "numba" or (backend == "auto" and x.device.type == "cpu" and _numba_available())
+
     if x.dtype == torch.float64:
         work_dtype = torch.float64
     elif x.dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -126,13 +141,14 @@ def knn_entropy(
     else:
         work_dtype = torch.float64
 
+    const = float(-digamma(k) + digamma(s))
+    if use_numba:
+        return _knn_entropy_numba(x, work_dtype, k, min_dist, const, chunk_size)
+
     if x.is_floating_point():
         n_bad = int((~torch.isfinite(x)).sum())
         if n_bad:
-            raise ValueError(
-                f"samples contain {n_bad} NaN/Inf value(s) out of {x.numel()}; "
-                "remove or fix the non-finite latents (e.g. check the model/extraction) before computing entropy"
-            )
+            raise _non_finite_error(n_bad, x.numel())
 
     out = torch.empty((n, d), dtype=work_dtype, device=x.device)
     if n == 0 or d == 0:
@@ -140,10 +156,53 @@ def knn_entropy(
     if chunk_size is None:
         budget = DEFAULT_CHUNK_ELEMENTS_CPU if x.device.type == "cpu" else DEFAULT_CHUNK_ELEMENTS
         chunk_size = max(1, budget // (s * d))
-    const = float(-digamma(k) + digamma(s))
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
         block = _sorted_samples(x[start:stop].to(work_dtype))
         dist = _kth_neighbour_distance(block, k).clamp_min_(min_dist)
         out[start:stop] = torch.log(2.0 * dist).mean(dim=1) + const
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_available() -> bool:
+    """numba is a dependency of larex; ``auto`` still falls back to the torch path where it cannot load."""
+    try:
+        import numba  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure (missing wheel, llvmlite mismatch) -> torch path
+        return False
+    return True
+
+
+def _non_finite_error(n_bad: int, numel: int) -> ValueError:
+    return ValueError(
+        f"samples contain {n_bad} NaN/Inf value(s) out of {numel}; "
+        "remove or fix the non-finite latents (e.g. check the model/extraction) before computing entropy"
+    )
+
+
+def _knn_entropy_numba(
+    x: torch.Tensor, work_dtype: torch.dtype, k: int, min_dist: float, const: float, chunk_size: int | None
+) -> torch.Tensor:
+    """CPU path: the fused numba kernel on float32/float64 numpy views (no copy for contiguous inputs of
+    the working dtype; other inputs are converted ``chunk_size`` rows at a time, default ~64M elements)."""
+    from larex._entropy_numba import entropy_tiles  # numba imports (and compiles on first call) lazily
+
+    n, s, d = x.shape
+    x = x.detach()
+    out = np.empty((n, d), dtype=np.float64 if work_dtype == torch.float64 else np.float32)
+    if n == 0 or d == 0:
+        return torch.from_numpy(out)
+    if x.dtype == work_dtype:
+        step = n  # no conversion: the kernel reads the (contiguous) input in place
+    else:
+        step = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // (s * d))
+    n_bad_tiles = 0
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        block = x[start:stop].to(work_dtype).contiguous().numpy()
+        n_bad_tiles += entropy_tiles(block, k, min_dist, const, out[start:stop])
+    if n_bad_tiles:
+        n_bad = int((~torch.isfinite(x)).sum())  # only on the error path
+        raise _non_finite_error(n_bad, x.numel())
+    return torch.from_numpy(out)
