@@ -13,7 +13,7 @@ Every row is measured in this run; speed rows time larex and its reference on th
 * ``mc/*``        MC extraction with the shared deterministic prefix (``FeatureExtractor(share_prefix=True)``:
   the layers before the first dropout/DropBlock layer run once per image) vs S full passes
   (``share_prefix=False``), S=16, on a random-init ResNet-18 (hooked at ``dropblock``, 32x32) and SmallCNN
-  (hooked at ``block3``, 28x28), with keys ``latent`` and ``latent + mc_logits``; same seed, so the
+  (28x28, hooked at ``dropblock`` as in the default config and at ``block3``), with keys ``latent`` and ``latent + mc_logits``; same seed, so the
   latents must agree to 1e-6.
 * ``memory/*``    peak RSS of the extraction stage (``Trainer.predict`` streaming to safetensors shards)
   at N and 10N images, each in a fresh process: the goal is <20% growth.
@@ -645,12 +645,16 @@ def mc_cases(ctx: Ctx) -> list[tuple[McCase, tuple[int, int]]]:
                                                  dropblock_after="layer3"),
                     "dropblock", "dropblock", "stem..layer3", (3, 32, 32), 0.3, 5.0,
                     "goal >=5x: the prefix stem..layer3 is most of the compute and layer4 is skipped")
-    cnn = McCase("small_cnn", lambda: SmallCNN(in_channels=1, num_classes=8), "block3", "dropblock",
-                 "block1..block2", (1, 28, 28), 0.5, None,
-                 "no speed goal beyond >=1x: the prefix is only {macs:.0%} of this net's conv MACs (block3 "
-                 "does the rest S times) but {time:.0%} of the pass time here (its full-resolution maps: "
-                 "memory-bound BN/max-pool), so the gain depends on the hardware")
-    return [(resnet, ctx.sizes.mc_resnet), (cnn, ctx.sizes.mc_cnn)]
+    cnn = McCase("small_cnn", lambda: SmallCNN(in_channels=1, num_classes=8), "dropblock", "dropblock",
+                 "block1..block2", (1, 28, 28), 0.5, 5.0,
+                 "goal >=5x: the default hooked layer (small_cnn_dropblock) is the DropBlock output, so only "
+                 "the mask runs S times and block3 + the head are skipped")
+    cnn_block3 = McCase("small_cnn_block3", lambda: SmallCNN(in_channels=1, num_classes=8), "block3", "dropblock",
+                        "block1..block2", (1, 28, 28), 0.5, None,
+                        "no speed goal beyond >=1x: hooked after block3, which runs S times; the prefix is only "
+                        "{macs:.0%} of this net's conv MACs but {time:.0%} of the pass time here (its "
+                        "full-resolution maps: memory-bound BN/max-pool), so the gain depends on the hardware")
+    return [(resnet, ctx.sizes.mc_resnet), (cnn, ctx.sizes.mc_cnn), (cnn_block3, ctx.sizes.mc_cnn)]
 
 
 class _StopPass(Exception):

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["row", "inputs", "larex_s", "reference_s", "ratio", "goal", "met", "max_abs_err", "note"]
 ENTROPY_ROWS = {f"entropy/{t}/{s}" for t in ("f64", "f32") for s in ("small", "large")} | {"entropy/scaling"}
 QUICK_BASELINES = {"msp", "gen", "kl_matching", "mdist", "ddu", "knn", "vim", "react", "she"}
-MC_ROWS = {f"mc/{m}/{k}" for m in ("resnet18", "small_cnn") for k in ("latent", "latent+mc_logits")}
+MC_ROWS = {f"mc/{m}/{k}" for m in ("resnet18", "small_cnn", "small_cnn_block3") for k in ("latent", "latent+mc_logits")}
 STAGES = ("train", "extract", "aggregate", "evaluate")
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

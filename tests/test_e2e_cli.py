@@ -55,7 +55,7 @@ def test_output_layout(pipeline):
     _, out, _ = pipeline
     base = out / "classification" / "fashion_mnist" / "small_cnn"
     assert io.read_manifest(base / "checkpoint")["complete"] is True
-    run = base / "block3"
+    run = base / "dropblock"
     expected_rows = {"fit": 300, "val": 200, "test": 200, **{f"ood/{o}": 120 for o in OODS}}
     for split, n in expected_rows.items():
         m = io.read_manifest(run / "extract" / split)
@@ -77,7 +77,7 @@ def test_aggregate_matches_entropy_of_extracted_latents(pipeline):
     from larex.entropy import knn_entropy
 
     _, out, _ = pipeline
-    run = out / "classification" / "fashion_mnist" / "small_cnn" / "block3"
+    run = out / "classification" / "fashion_mnist" / "small_cnn" / "dropblock"
     lat = io.read_features(run / "extract" / "val", ["latent"])["latent"]
     agg = io.load_arrays(run / "aggregate" / "val.safetensors")["entropy"]
     np.testing.assert_allclose(agg, knn_entropy(lat.astype(np.float64)).numpy(), rtol=0, atol=1e-12)
@@ -89,7 +89,7 @@ def test_metrics_table_and_mlflow_run(pipeline):
     from larex.tracking import read_run
 
     _, out, logs = pipeline
-    run = out / "classification" / "fashion_mnist" / "small_cnn" / "block3"
+    run = out / "classification" / "fashion_mnist" / "small_cnn" / "dropblock"
     table = pd.read_csv(run / "metrics.csv")
     assert set(table["method"]) == {"lared", "larem"}
     assert set(table["ood"]) == {*OODS, "mean"}
@@ -160,7 +160,7 @@ def test_baselines_stage_and_missing_feature_error(pipeline, tmp_path):
     extraction option; with the feature present, larex-baselines writes its scores."""
     work, out, _ = pipeline
     p = cli("larex-baselines", *tiny(out), "baselines=[msp,knn]", cwd=work)
-    run = out / "classification" / "fashion_mnist" / "small_cnn" / "block3"
+    run = out / "classification" / "fashion_mnist" / "small_cnn" / "dropblock"
     msp = pd.read_parquet(run / "scores" / "msp.parquet")
     assert set(msp["split"]) == {"val", "test", *(f"ood/{o}" for o in OODS)}
     assert "knn" in p.stdout
@@ -172,7 +172,7 @@ def test_baselines_stage_and_missing_feature_error(pipeline, tmp_path):
     assert bad.returncode != 0
     text = bad.stdout + bad.stderr
     assert "'logits'" in text and "extract.features" in text
-    assert not (tmp_path / "o" / "classification" / "fashion_mnist" / "small_cnn" / "block3" / "scores").exists()
+    assert not (tmp_path / "o" / "classification" / "fashion_mnist" / "small_cnn" / "dropblock" / "scores").exists()
 
 
 def test_interrupted_extraction_resumes_at_first_missing_shard(pipeline):
@@ -181,7 +181,7 @@ def test_interrupted_extraction_resumes_at_first_missing_shard(pipeline):
     from larex import io
 
     work, out, _ = pipeline
-    split = out / "classification" / "fashion_mnist" / "small_cnn" / "block3" / "extract" / "fit"
+    split = out / "classification" / "fashion_mnist" / "small_cnn" / "dropblock" / "extract" / "fit"
     manifest = io.read_manifest(split)
     original = {s["file"]: (split / s["file"]).read_bytes() for s in manifest["shards"]}
     assert len(original) == 3
