@@ -245,12 +245,42 @@ def test_she_falls_back_to_class_mean_without_correct_predictions():
 
 
 # ---------------------------------------------------------------- kNN search
-def test_topk_inner_chunked_equals_brute_force():
+@pytest.mark.parametrize("m", [20, 101])  # 20 rows: every row is a candidate (plain float64 search)
+def test_topk_inner_chunked_equals_brute_force(m):
     rng = np.random.default_rng(5)
-    q, bank = rng.normal(size=(37, 9)), rng.normal(size=(101, 9))
+    q, bank = rng.normal(size=(37, 9)), rng.normal(size=(m, 9)) * rng.uniform(0.1, 10, size=(m, 1))
     full = -np.sort(-(q @ bank.T), axis=1)[:, :7]
     for bs, bc in [(1, 1), (5, 13), (37, 101), (1000, 1000)]:
         np.testing.assert_allclose(topk_inner(q, bank, 7, batch_size=bs, bank_chunk=bc), full, rtol=0, atol=1e-12)
+
+
+def test_topk_inner_near_ties_fall_back_to_float64(monkeypatch):
+    # 300 bank rows whose inner products with the queries differ by ~1e-10: float32 cannot rank them, so the
+    # float32 candidates miss part of the true top k; the certificate must catch that and redo those queries.
+    import larex.postprocessors.knn as knn_mod
+
+    rng = np.random.default_rng(8)
+    base = rng.normal(size=(1, 16))
+    bank = base + 1e-10 * rng.normal(size=(300, 16))
+    q = base + 0.01 * rng.normal(size=(6, 16))
+    full = -np.sort(-(q @ bank.T), axis=1)[:, :5]
+    calls = []
+    real = knn_mod._exact_topk
+    monkeypatch.setattr(knn_mod, "_exact_topk", lambda qq, parts, k: calls.append(qq.shape[0]) or real(qq, parts, k))
+    torch.set_float32_matmul_precision("medium")
+    try:
+        got = topk_inner(q, bank, 5, bank_chunk=64)
+        assert torch.get_float32_matmul_precision() == "medium"  # restored
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert sum(calls) == 6  # every query re-searched in float64
+    np.testing.assert_allclose(got, full, rtol=0, atol=1e-13)
+    # well-separated rows: the float32 candidates are certified, no float64 re-search
+    calls.clear()
+    bank2 = rng.normal(size=(300, 16))
+    got2 = topk_inner(q, bank2, 5, bank_chunk=64)
+    assert calls == []
+    np.testing.assert_allclose(got2, -np.sort(-(q @ bank2.T), axis=1)[:, :5], rtol=0, atol=1e-12)
 
 
 def test_knn_chunked_equals_brute_force_distances():
