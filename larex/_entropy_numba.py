@@ -12,11 +12,13 @@ One pass per tile of ``[S, w]`` values (one input, ``w`` consecutive dimensions)
    is summed factor by factor instead, so every group is exact to a few ulps.
 
 Float32 and float64 inputs are handled in their own precision for steps 1-3 and in float64 for step 4.
-Tiles are independent (no cross-tile reduction), so the result does not depend on the thread count.
+Tiles are independent (no cross-tile reduction), so the result does not depend on the thread count
+(``threads`` Python threads run contiguous tile ranges; the compiled kernel releases the GIL).
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numba
@@ -25,6 +27,7 @@ import numpy as np
 __all__ = ["entropy_tiles", "sorting_network", "tile_width"]
 
 LOG_GROUP = 8  # factors multiplied before one log
+MIN_ELEMENTS_PER_THREAD = 1 << 16  # smaller inputs run on the calling thread
 _PROD_LO, _PROD_HI = 1e-300, 1e300  # a running product outside this range takes the factor-by-factor path
 _FASTMATH = {"nsz", "contract"}  # no reassociation, no NaN/Inf assumptions: results equal the plain formula
 
@@ -58,11 +61,11 @@ def tile_width(s: int, d: int) -> int:
     return max(1, min(d, max(16, min(512, (8192 // s) // 16 * 16))))
 
 
-@numba.njit(parallel=True, fastmath=_FASTMATH, nogil=True, cache=False)
-def _kernel(x, lo, hi, k, min_dist, const, tile, out, bad):  # pragma: no cover - compiled
+@numba.njit(fastmath=_FASTMATH, nogil=True, cache=False)
+def _kernel(x, lo, hi, k, min_dist, const, tile, out, bad, job_start, job_stop):  # pragma: no cover - compiled
     n, s, d = x.shape
     n_tiles = (d + tile - 1) // tile
-    for job in numba.prange(n * n_tiles):
+    for job in range(job_start, job_stop):
         i = job // n_tiles
         t0 = (job % n_tiles) * tile
         w = min(d, t0 + tile) - t0
@@ -131,14 +134,26 @@ def _kernel(x, lo, hi, k, min_dist, const, tile, out, bad):  # pragma: no cover 
             row[t0 + t] = acc[t] / s + const
 
 
-def entropy_tiles(x: np.ndarray, k: int, min_dist: float, const: float, out: np.ndarray) -> int:
+def entropy_tiles(x: np.ndarray, k: int, min_dist: float, const: float, out: np.ndarray, threads: int = 1) -> int:
     """Fill ``out[N, D]`` with the kNN entropy of C-contiguous float32/float64 ``x[N, S, D]``.
 
-    Returns the number of tiles that held a NaN/Inf (their ``out`` entries are left unset; the caller raises).
+    ``threads`` > 1 splits the tiles into contiguous ranges run by Python threads (the kernel releases the
+    GIL). Plain threads rather than numba's ``parallel=True``: its OpenMP layer aborts a forked child that
+    calls the kernel again, its workqueue layer aborts on concurrent calls, and TBB is not loadable from a
+    pip install. Returns the number of tiles that held a NaN/Inf (their ``out`` entries are left unset).
     """
     n, s, d = x.shape
     lo, hi = sorting_network(s)
     tile = tile_width(s, d)
-    bad = np.zeros(n * ((d + tile - 1) // tile), dtype=np.uint8)
-    _kernel(x, lo, hi, int(k), float(min_dist), float(const), tile, out, bad)
+    n_jobs = n * ((d + tile - 1) // tile)
+    bad = np.zeros(n_jobs, dtype=np.uint8)
+    args = (x, lo, hi, int(k), float(min_dist), float(const), tile, out, bad)
+    threads = max(1, min(int(threads), n_jobs, x.size // MIN_ELEMENTS_PER_THREAD))
+    if threads == 1:
+        _kernel(*args, 0, n_jobs)
+    else:
+        bounds = np.linspace(0, n_jobs, 4 * threads + 1).astype(np.int64)  # 4 ranges per thread: balance
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for f in [pool.submit(_kernel, *args, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
+                f.result()
     return int(bad.sum())

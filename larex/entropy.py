@@ -185,7 +185,8 @@ def _knn_entropy_numba(
     x: torch.Tensor, work_dtype: torch.dtype, k: int, min_dist: float, const: float, chunk_size: int | None
 ) -> torch.Tensor:
     """CPU path: the fused numba kernel on float32/float64 numpy views (no copy for contiguous inputs of
-    the working dtype; other inputs are converted ``chunk_size`` rows at a time, default ~64M elements)."""
+    the working dtype; other inputs are converted ``chunk_size`` rows at a time, default ~64M elements),
+    on ``torch.get_num_threads()`` threads."""
     from larex._entropy_numba import entropy_tiles  # numba imports (and compiles on first call) lazily
 
     n, s, d = x.shape
@@ -201,7 +202,7 @@ def _knn_entropy_numba(
     for start in range(0, n, step):
         stop = min(n, start + step)
         block = x[start:stop].to(work_dtype).contiguous().numpy()
-        n_bad_tiles += entropy_tiles(block, k, min_dist, const, out[start:stop])
+        n_bad_tiles += entropy_tiles(block, k, min_dist, const, out[start:stop], threads=torch.get_num_threads())
     if n_bad_tiles:
         n_bad = int((~torch.isfinite(x)).sum())  # only on the error path
         raise _non_finite_error(n_bad, x.numel())

@@ -199,15 +199,47 @@ def test_numba_input_layouts_and_dtypes():
 
 
 def test_numba_result_does_not_depend_on_thread_count():
-    import numba
+    from scipy.special import digamma
 
-    x = _data(9, 16, 300, seed=9)
-    before = numba.get_num_threads()
+    from larex._entropy_numba import entropy_tiles
+
+    x = _data(9, 16, 3000, seed=9)
+    ref = knn_entropy(x, backend="torch").numpy()
+    const = float(-digamma(5) + digamma(16))
+    for threads in (1, 2, 3, 8):
+        out = np.empty((9, 3000))
+        assert entropy_tiles(x, 5, 1e-5, const, out, threads=threads) == 0
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+    before = torch.get_num_threads()
     try:
-        numba.set_num_threads(1)
+        torch.set_num_threads(1)
         one = knn_entropy(x, backend="numba")
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        many = knn_entropy(x, backend="numba")
     finally:
-        numba.set_num_threads(before)
-    torch.testing.assert_close(one, many, rtol=0, atol=0)
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one, knn_entropy(x, backend="numba"), rtol=0, atol=0)
+
+
+def _entropy_in_child(queue) -> None:
+    queue.put(knn_entropy(_data(3, 8, 5000, seed=2), backend="numba").sum().item())
+
+
+def test_numba_kernel_works_in_a_forked_child_and_from_threads():
+    # numba's OpenMP layer would abort a forked child ("fork() called from a process already using GNU
+    # OpenMP") and its workqueue layer aborts on concurrent calls; the kernel uses plain Python threads.
+    import multiprocessing as mp
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = _data(3, 8, 5000, seed=2)
+    expected = knn_entropy(x, backend="numba").sum().item()  # the parent has run the kernel on threads
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_entropy_in_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=120) == expected
+    finally:
+        child.join(timeout=30)
+    assert child.exitcode == 0
+    with ThreadPoolExecutor(4) as pool:
+        sums = list(pool.map(lambda _: knn_entropy(x, backend="numba").sum().item(), range(8)))
+    assert sums == [expected] * 8
