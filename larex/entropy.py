@@ -22,6 +22,7 @@ on other devices (and with ``backend="torch"``) chunked torch tensor ops.
 from __future__ import annotations
 
 import functools
+
 import numpy as np
 import torch
 from scipy.special import digamma
