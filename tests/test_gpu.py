@@ -39,3 +39,19 @@ def test_feature_extractor_on_cuda_matches_cpu_deterministic_outputs():
     torch.testing.assert_close(gpu["logits"], cpu["logits"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gpu["penultimate"], cpu["penultimate"], rtol=1e-4, atol=1e-4)
     assert gpu["latent"].shape == cpu["latent"].shape and gpu["latent"].device.type == "cpu"
+
+
+def test_topk_search_on_cuda_is_exact_also_with_tf32_allowed():
+    # float32 candidates on the GPU, float64 values; TF32 must not leak into the certified float32 GEMM
+    from larex.postprocessors.knn import topk_inner
+
+    rng = np.random.default_rng(2)
+    q, bank = rng.normal(size=(300, 64)), rng.normal(size=(5000, 64))
+    full = -np.sort(-(q @ bank.T), axis=1)[:, :20]
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        got = topk_inner(q, bank, 20, batch_size=128, bank_chunk=1024, device="cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    np.testing.assert_allclose(got, full, rtol=0, atol=1e-12)
