@@ -30,7 +30,7 @@ demo:
 	$(BIN)/larex-run experiment=fmnist_demo
 
 bench:
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1064,9 +1064,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(GROUPS)} (default: {','.join(DEFAULT_GROUPS)}; "
                         "stages is opt-in: it runs the whole fmnist_demo, several minutes on 2 CPU cores)")
     p.add_argument("--memory-child", nargs=3, metavar=("N", "BATCH", "DIR"), help=argparse.SUPPRESS)  # memory rows' worker
+    p.add_argument("overrides", nargs="*", metavar="tracking.uri=URI",
+                   help="larex-style override, same as --tracking-uri (so `make bench ARGS=tracking.uri=...` works)")
     args = p.parse_args(argv)
     if args.memory_child:
         return args
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if key != "tracking.uri" or not sep or not value:
+            p.error(f"unknown override {item!r}: the only one is tracking.uri=URI (e.g. "
+                    "tracking.uri=sqlite:///outputs/mlflow.db); other settings are --options, see --help")
+        if args.tracking_uri and args.tracking_uri != value:
+            p.error(f"--tracking-uri {args.tracking_uri} and tracking.uri={value} disagree; give one")
+        args.tracking_uri = value
     groups = [g.strip() for g in args.rows.split(",") if g.strip()]
     bad = [g for g in groups if g not in GROUPS]
     if bad or not groups:

@@ -52,9 +52,20 @@ def _load_bench(monkeypatch):
     return mod
 
 
+def test_bench_arguments_accept_tracking_uri_override(monkeypatch, capsys):
+    bench = _load_bench(monkeypatch)
+    assert bench.parse_args(["tracking.uri=sqlite:///x.db"]).tracking_uri == "sqlite:///x.db"
+    assert bench.parse_args(["--tracking-uri", "sqlite:///x.db"]).tracking_uri == "sqlite:///x.db"
+    assert bench.parse_args([]).tracking_uri is None
+    for bad in (["seed=3"], ["tracking.uri="], ["--tracking-uri", "a", "tracking.uri=b"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    assert "only one is tracking.uri" in capsys.readouterr().err
+
+
 def test_quick_bench_writes_complete_table(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    rows, elapsed = _run_bench(tmp_path, "--tracking-uri", uri, timeout=120)
+    rows, elapsed = _run_bench(tmp_path, f"tracking.uri={uri}", timeout=120)  # as `make bench ARGS=...`
     assert elapsed < 60, f"--quick took {elapsed:.0f} s"
     from larex.tracking import list_runs, read_run
 
