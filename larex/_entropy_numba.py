@@ -18,6 +18,8 @@ Tiles are independent (no cross-tile reduction), so the result does not depend o
 from __future__ import annotations
 
 import math
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -143,8 +145,8 @@ def _kernel(x, lo, hi, k, min_dist, const, tile, out, bad, job_start, job_stop):
 def entropy_tiles(x: np.ndarray, k: int, min_dist: float, const: float, out: np.ndarray, threads: int = 1) -> int:
     """Fill ``out[N, D]`` with the kNN entropy of C-contiguous float32/float64 ``x[N, S, D]``.
 
-    ``threads`` > 1 splits the tiles into contiguous ranges run by Python threads (the kernel releases the
-    GIL). Plain threads rather than numba's ``parallel=True``: its OpenMP layer aborts a forked child that
+    ``threads`` > 1 splits the tiles into contiguous ranges run by a process-wide pool of Python threads (the
+    kernel releases the GIL). Plain threads rather than numba's ``parallel=True``: its OpenMP layer aborts a forked child that
     calls the kernel again, its workqueue layer aborts on concurrent calls, and TBB is not loadable from a
     pip install. Returns the number of tiles that held a NaN/Inf (their ``out`` entries are left unset).
     """
@@ -159,7 +161,31 @@ def entropy_tiles(x: np.ndarray, k: int, min_dist: float, const: float, out: np.
         _kernel(*args, 0, n_jobs)
     else:
         bounds = np.linspace(0, n_jobs, 4 * threads + 1).astype(np.int64)  # 4 ranges per thread: balance
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for f in [pool.submit(_kernel, *args, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
-                f.result()
+        pool = _pool(threads)
+        for f in [pool.submit(_kernel, *args, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]:
+            f.result()
     return int(bad.sum())
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # by thread count; kept for the process (idle threads just wait)
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide executor with ``threads`` workers (starting threads per call cost ~1 ms)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="larex-entropy")
+        return pool
+
+
+def _forget_pools_after_fork() -> None:
+    """A forked child has none of the parent's worker threads: start fresh pools (and a fresh lock)."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_after_fork)
