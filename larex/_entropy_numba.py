@@ -146,9 +146,9 @@ def entropy_tiles(x: np.ndarray, k: int, min_dist: float, const: float, out: np.
     """Fill ``out[N, D]`` with the kNN entropy of C-contiguous float32/float64 ``x[N, S, D]``.
 
     ``threads`` > 1 splits the tiles into contiguous ranges run by a process-wide pool of Python threads (the
-    kernel releases the GIL). Plain threads rather than numba's ``parallel=True``: its OpenMP layer aborts a forked child that
-    calls the kernel again, its workqueue layer aborts on concurrent calls, and TBB is not loadable from a
-    pip install. Returns the number of tiles that held a NaN/Inf (their ``out`` entries are left unset).
+    kernel releases the GIL). Plain threads rather than numba's ``parallel=True``: its OpenMP layer aborts a
+    forked child that calls the kernel again, its workqueue layer aborts on concurrent calls, and TBB is not
+    loadable from a pip install. Returns the number of tiles that held a NaN/Inf (their ``out`` entries are left unset).
     """
     n, s, d = x.shape
     lo, hi = sorting_network(s)

@@ -13,8 +13,8 @@ Every row is measured in this run; speed rows time larex and its reference on th
 * ``mc/*``        MC extraction with the shared deterministic prefix (``FeatureExtractor(share_prefix=True)``:
   the layers before the first dropout/DropBlock layer run once per image) vs S full passes
   (``share_prefix=False``), S=16, on a random-init ResNet-18 (hooked at ``dropblock``, 32x32) and SmallCNN
-  (28x28, hooked at ``dropblock`` as in the default config and at ``block3``), with keys ``latent`` and ``latent + mc_logits``; same seed, so the
-  latents must agree to 1e-6.
+  (28x28, hooked at ``dropblock`` as in the default config and at ``block3``), with keys ``latent`` and
+  ``latent + mc_logits``; same seed, so the latents must agree to 1e-6.
 * ``memory/*``    peak RSS of the extraction stage (``Trainer.predict`` streaming to safetensors shards)
   at N and 10N images, each in a fresh process: the goal is <20% growth.
 * ``stages/*``    (last; about 3 minutes of the run on 2 cores) per-stage wall time of
