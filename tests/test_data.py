@@ -14,7 +14,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import Dataset
 
-from larex.data.base import AsOOD, ClassSubset, DataRootNotFoundError, ModelInput, Subsample, TrainValSplit
+import torch.nn.functional as F
+
+from larex.data.base import (AsOOD, ClassSubset, DataRootNotFoundError, ModelInput, Subsample, TrainTestSplit,
+                             TrainValSplit, image_hw)
 from larex.data.digits import SklearnDigits
 from larex.data.fashion_mnist import FashionMNIST, read_idx
 from larex.data.image_folder import ImageFolder, ImageFolderOOD
@@ -156,6 +159,27 @@ def test_train_val_split():
         TrainValSplit(base, part="fit", val_fraction=1.0)
 
 
+def test_train_test_split_stratified():
+    labels = np.repeat(np.arange(4), [10, 20, 31, 7])
+    base = Toy(labels)
+    train = TrainTestSplit(base, part="train", test_fraction=0.3, seed=5)
+    test = TrainTestSplit(base, part="test", test_fraction=0.3, seed=5)
+    assert np.bincount(test.targets).tolist() == [3, 6, 9, 2]  # round(0.3 * n_c) per label
+    assert len(train) + len(test) == len(base) and set(train.indices).isdisjoint(test.indices)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train.indices, test.indices])), np.arange(len(base)))
+    assert np.all(np.diff(test.indices) > 0)
+    np.testing.assert_array_equal(test.targets, labels[test.indices])
+    np.testing.assert_array_equal(TrainTestSplit(base, "test", 0.3, seed=5).indices, test.indices)
+    assert not np.array_equal(TrainTestSplit(base, "test", 0.3, seed=6).indices, test.indices)
+    assert len(TrainTestSplit(base, "test", 0.3, seed=5, stratify=False)) == round(0.3 * len(base))
+    x, y = test[2]
+    assert float(x[0, 0, 0]) == test.indices[2] and y == labels[test.indices[2]]
+    with pytest.raises(ValueError, match="part"):
+        TrainTestSplit(base, part="fit")
+    with pytest.raises(ValueError, match="test_fraction"):
+        TrainTestSplit(base, part="test", test_fraction=0.0)
+
+
 def test_subsample_and_as_ood():
     base = Toy(np.arange(100) % 3)
     sub = Subsample(base, limit=10, seed=1)
@@ -198,6 +222,81 @@ def test_model_input_conversions():
         ModelInput(Toy([]), channels=1, image_size=28, mean=[0.0], std=[1.0])
     with pytest.raises(ValueError, match="one per channel"):
         ModelInput(gray, channels=3, image_size=28, mean=[0.5], std=[0.5])
+
+
+def _reference_convert(x, size, mean, std):
+    """ModelInput's stretch conversion before non-square sizes existed (1-channel, same channels)."""
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return (x - mean) / std
+
+
+def test_model_input_int_size_unchanged():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(1, h, w, generator=g) for h, w in ((8, 8), (28, 28), (10, 37), (64, 50), (3, 100))]
+    for policy in ({}, {"resize": "stretch"}):
+        mi = ModelInput(Toy([0]), channels=1, image_size=28, mean=[0.3], std=[0.7], **policy)
+        assert mi.image_size == 28 and mi.size == (28, 28) and mi.resize == "stretch"
+        for x in images:
+            torch.testing.assert_close(mi.convert(x), _reference_convert(x, 28, 0.3, 0.7), rtol=0, atol=0)
+
+
+def test_model_input_pair_sizes_and_letterbox():
+    ramp = torch.arange(8, dtype=torch.float32).expand(1, 8, 8)
+    mi = ModelInput(Toy([0]), channels=1, image_size=[32, 48], mean=[0.0], std=[1.0])
+    assert mi.image_size == (32, 48) and mi.size == (32, 48)
+    out = mi.convert(ramp)
+    assert out.shape == (1, 32, 48)
+    ref = F.interpolate(ramp[None], size=(32, 48), mode="bilinear", align_corners=False, antialias=True)[0]
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert mi.convert(torch.rand(1, 32, 48)).shape == (1, 32, 48)
+    from omegaconf import ListConfig
+
+    assert ModelInput(Toy([0]), 1, OmegaConf.create([20, 10]), [0.0], [1.0]).size == (20, 10)
+    assert isinstance(OmegaConf.create([20, 10]), ListConfig)
+
+    # A 10x20 white image into 20x20: unchanged scale, centred 10x20 band (rows 5..14) of ones, mean elsewhere.
+    mean, std = [0.25, 0.5, 0.75], [0.5, 0.25, 2.0]
+    lb = ModelInput(Toy([0]), channels=3, image_size=20, mean=mean, std=std, resize="letterbox")
+    x = lb.convert(torch.ones(3, 10, 20))
+    assert x.shape == (3, 20, 20)
+    raw = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    torch.testing.assert_close(raw[:, 5:15], torch.ones(3, 10, 20))
+    torch.testing.assert_close(raw[:, :5], torch.tensor(mean).view(3, 1, 1).expand(3, 5, 20))
+    torch.testing.assert_close(raw[:, 15:], torch.tensor(mean).view(3, 1, 1).expand(3, 5, 20))
+    assert x[:, :5].eq(0).all() and x[:, 15:].eq(0).all()  # padding is exactly 0 after normalization
+    # Upscaled, aspect kept: 8x8 into [32, 48] -> a 32x32 block in columns 8..39 (the stretch resize of 8 -> 32).
+    box = ModelInput(Toy([0]), 1, [32, 48], [0.5], [0.25], resize="letterbox").convert(ramp)
+    ref32 = F.interpolate(ramp[None], size=(32, 32), mode="bilinear", align_corners=False, antialias=True)[0]
+    torch.testing.assert_close(box[:, :, 8:40], (ref32 - 0.5) / 0.25, rtol=0, atol=0)
+    assert box[:, :, :8].eq(0).all() and box[:, :, 40:].eq(0).all()
+    # Downscaled: 30x60 into 10x10 -> 5x10 band, rows 2..6 (odd padding: extra row at the bottom).
+    small = ModelInput(Toy([0]), 1, 10, [0.0], [1.0], resize="letterbox").convert(torch.ones(1, 30, 60))
+    torch.testing.assert_close(small[0, 2:7], torch.ones(5, 10))
+    assert small[0, :2].eq(0).all() and small[0, 7:].eq(0).all()
+    # Same size: untouched by every policy.
+    same = torch.rand(1, 10, 20)
+    for policy in ("stretch", "letterbox", "none"):
+        torch.testing.assert_close(ModelInput(Toy([0]), 1, [10, 20], [0.0], [1.0], resize=policy).convert(same),
+                                   same, rtol=0, atol=0)
+
+
+def test_model_input_resize_none_and_errors():
+    ds = Toy([0, 1], shape=(1, 6, 9))
+    mi = ModelInput(ds, 1, [6, 9], [0.0], [1.0], resize="none")
+    assert mi[1][0].shape == (1, 6, 9)
+    with pytest.raises(ValueError, match=r"item 0 of Toy\) is 6x9 .*dataset\.image_size is 6x6.*dataset\.resize=none"):
+        ModelInput(ds, 1, 6, [0.0], [1.0], resize="none")[0]
+    native = ModelInput(ds, 1, None, [0.0], [1.0], resize="none")
+    assert native.size is None and native[0][0].shape == (1, 6, 9)
+    with pytest.raises(ValueError, match=r"dataset\.image_size is null.*dataset\.resize=none"):
+        ModelInput(ds, 1, None, [0.0], [1.0])
+    with pytest.raises(ValueError, match=r"dataset\.resize must be one of stretch, letterbox, none, got 'crop'"):
+        ModelInput(ds, 1, 28, [0.0], [1.0], resize="crop")
+    for bad in (0, -3, [28], [28, 28, 3], [28, 0], "28", 28.0, [28.5, 28], True, {"h": 1}):
+        with pytest.raises(ValueError, match=r"dataset\.image_size must be an int >= 1 .* or a pair \[H, W\]"):
+            ModelInput(ds, 1, bad, [0.0], [1.0])
+    assert image_hw(np.int64(5)) == (5, 5) and image_hw((3, np.int32(4))) == (3, 4)
 
 
 # ---------------------------------------------------------------- synthetic sets
@@ -257,6 +356,10 @@ def test_noise_images_deterministic(kind):
     if kind == "uniform":
         big = torch.stack([ds[i][0] for i in range(50)])
         assert abs(big.mean().item() - 0.5) < 0.02
+    rect = NoiseImages(n=3, channels=1, image_size=[12, 20], kind=kind, seed=2)
+    assert rect[0][0].shape == (1, 12, 20) and rect.image_size == (12, 20) and ds.image_size == 16
+    with pytest.raises(ValueError, match=r"image_size \(set from dataset\.image_size\) must be an int >= 2"):
+        NoiseImages(n=3, image_size=[1, 20], kind=kind)
 
 
 def test_sklearn_digits():
@@ -271,6 +374,13 @@ def test_sklearn_digits():
     np.testing.assert_array_equal(ds.targets, ref.target)
     native = SklearnDigits(image_size=8)
     np.testing.assert_allclose(native[10][0][0].numpy(), ref.images[10] / 16.0, rtol=0, atol=1e-7)
+    rect = SklearnDigits(image_size=[16, 24])
+    assert rect[10][0].shape == (1, 16, 24) and rect.image_size == (16, 24) and ds.image_size == 28
+    # The one-off upsampling equals ModelInput's own stretch of the native 8x8 image.
+    mi = ModelInput(native, 1, 28, [0.0], [1.0])
+    torch.testing.assert_close(mi[10][0], x, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"SklearnDigits: image_size \(set from dataset\.image_size\)"):
+        SklearnDigits(image_size=0)
 
 
 # ---------------------------------------------------------------- folders
@@ -355,9 +465,9 @@ def test_torchvision_mnist_wrapper_reads_raw_files(tmp_path):
 
 # ---------------------------------------------------------------- configs
 
-def _main_cfg(ood_names=()):
-    cfg = OmegaConf.create({"seed": 0, "data_root": "data",
-                            "dataset": OmegaConf.load(CONFIGS / "dataset" / "fashion_mnist.yaml")})
+def _main_cfg(ood_names=(), dataset="fashion_mnist", seed=0):
+    cfg = OmegaConf.create({"seed": seed, "data_root": "data",
+                            "dataset": OmegaConf.load(CONFIGS / "dataset" / f"{dataset}.yaml")})
     cfg.ood = {n: OmegaConf.load(CONFIGS / "ood" / f"{n}.yaml") for n in ood_names}
     return cfg
 
@@ -378,7 +488,10 @@ def test_all_configs_load_and_targets_import():
 
     dataset_files = sorted((CONFIGS / "dataset").glob("*.yaml"))
     ood_files = sorted((CONFIGS / "ood").glob("*.yaml"))
-    assert {p.stem for p in dataset_files} >= {"fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "image_folder"}
+    assert {p.stem for p in dataset_files} >= {"fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "image_folder",
+                                               "digits"}
+    keys = set(OmegaConf.load(CONFIGS / "dataset" / "fashion_mnist.yaml")) - {"root", "download", "download_root"}
+    assert set(OmegaConf.load(CONFIGS / "dataset" / "digits.yaml")) >= keys
     ood_names = {p.stem for p in ood_files}
     for path in dataset_files:
         cfg = OmegaConf.load(path)
@@ -419,6 +532,87 @@ def test_fashion_mnist_configs_instantiate():
     mi = ModelInput(holdout, channels=3, image_size=32, mean=[0.5] * 3, std=[0.25] * 3)
     x, y, i = mi[5]
     assert x.shape == (3, 32, 32) and y == -1 and i == 5
+
+
+def _base_indices(ds) -> np.ndarray:
+    """Indices into the innermost dataset (SklearnDigits) of every item of a chain of index views."""
+    idx = np.arange(len(ds))
+    while hasattr(ds, "indices"):
+        idx = np.asarray(ds.indices)[idx]
+        ds = ds.dataset
+    assert isinstance(ds, SklearnDigits)
+    return idx
+
+
+def test_digits_configs_instantiate():
+    """dataset=digits is always available (bundled with scikit-learn): sizes, disjoint splits, stats, OOD."""
+    from hydra.utils import instantiate
+
+    cfg = _main_cfg(["digits_holdout", "digits_shift", "noise"], dataset="digits")
+    assert set(cfg.dataset.default_ood) == {"digits_holdout", "digits_shift", "noise"}
+    fit, val, test = (instantiate(cfg.dataset.splits[s]) for s in ("fit", "val", "test"))
+    assert (len(fit), len(val), len(test)) == (909, 101, 433)
+    digits = fit.dataset.dataset.dataset
+    fit_i, val_i, test_i = (_base_indices(d) for d in (fit, val, test))
+    assert len(set(fit_i)) == len(fit_i)
+    assert set(fit_i).isdisjoint(val_i) and set(fit_i).isdisjoint(test_i) and set(val_i).isdisjoint(test_i)
+    for part, idx in ((fit, fit_i), (val, val_i), (test, test_i)):  # relabelled 0..7 == original digit here
+        np.testing.assert_array_equal(part.targets, digits.targets[idx])
+        assert set(np.unique(part.targets)) == set(range(8))
+    x, y = test[3]
+    assert x.shape == (1, 28, 28) and y == digits.targets[test_i[3]]
+    torch.testing.assert_close(x, digits.data[test_i[3]], rtol=0, atol=0)
+    # Stratified held-out part: round(0.3 * n_c) of every digit.
+    counts = np.bincount(digits.targets)
+    assert np.bincount(test.targets).tolist() == [round(0.3 * c) for c in counts[:8]]
+    # mean/std of the YAML: pixels of the ID train part (fit + val) at 28 px.
+    train_px = digits.data[np.concatenate([fit_i, val_i])]
+    assert abs(train_px.mean().item() - cfg.dataset.mean[0]) < 5e-4
+    assert abs(train_px.std().item() - cfg.dataset.std[0]) < 5e-4
+    # fit/val follow ${seed}; the test part does not.
+    other = _main_cfg(dataset="digits", seed=1)
+    fit1, test1 = instantiate(other.dataset.splits.fit), instantiate(other.dataset.splits.test)
+    np.testing.assert_array_equal(_base_indices(test1), test_i)
+    assert not np.array_equal(_base_indices(fit1), fit_i) and len(fit1) == 909
+
+    holdout = instantiate(cfg.ood.digits_holdout)
+    hold_i = _base_indices(holdout.dataset)
+    assert len(holdout) == 106 and np.all(holdout.targets == -1) and holdout[0][1] == -1
+    assert set(digits.targets[hold_i]) == {8, 9} and set(np.bincount(digits.targets[hold_i])[8:]) == {52, 54}
+    assert set(hold_i).isdisjoint(np.concatenate([fit_i, val_i, test_i]))
+    train_part = fit.dataset.dataset  # TrainTestSplit(part=train): the held-out 8/9 are from the other part
+    assert set(hold_i).isdisjoint(train_part.indices)
+    shift = instantiate(cfg.ood.digits_shift)
+    np.testing.assert_array_equal(_base_indices(shift.dataset.dataset), test_i)
+    assert len(shift) == 433 and shift[0][1] == -1 and shift.dataset.severity == 3
+    assert shift[0][0].shape == (1, 28, 28) and not torch.equal(shift[0][0], test[0][0])
+    noise = instantiate(cfg.ood.noise)
+    assert len(noise) == 2000 and noise[0][0].shape == (1, 28, 28)
+    mi = ModelInput(fit, channels=1, image_size=cfg.dataset.image_size, mean=cfg.dataset.mean, std=cfg.dataset.std)
+    x, y, i = mi[5]
+    assert x.shape == (1, 28, 28) and y == fit.targets[5] and i == 5
+
+
+def test_hydra_compose_digits(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONFIGS / "dataset", conf / "dataset")
+    shutil.copytree(CONFIGS / "ood", conf / "ood")
+    (conf / "main.yaml").write_text("defaults:\n  - dataset: digits\n  - _self_\nseed: 0\ndata_root: data\n")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("main", overrides=["+ood=[digits_holdout,digits_shift,noise]", "dataset.image_size=[16,24]",
+                                         "dataset.test_fraction=0.5", "ood.noise.dataset.n=5"])
+        fm = compose("main", overrides=["dataset=fashion_mnist", "+ood=[digits_holdout]"])
+    test, holdout = instantiate(cfg.dataset.splits.test), instantiate(cfg.ood.digits_holdout)
+    assert test[0][0].shape == (1, 16, 24) and holdout[0][0].shape == (1, 16, 24)
+    assert instantiate(cfg.ood.noise)[0][0].shape == (1, 16, 24)
+    assert len(holdout) == 177 and len(instantiate(cfg.ood.digits_shift)) == len(test)  # follows test_fraction
+    mi = ModelInput(test, cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.mean, cfg.dataset.std)
+    assert mi.size == (16, 24) and mi[0][0].shape == (1, 16, 24)
+    # Without dataset.test_fraction / test_seed (another ID set) digits_holdout falls back to 0.3 / 0.
+    assert len(instantiate(fm.ood.digits_holdout)) == 106
 
 
 def test_hydra_compose_ood_group(tmp_path):

@@ -6,6 +6,7 @@ at its native size and ``label`` an int (ID class index; OOD sets return ``-1``)
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,10 +19,13 @@ __all__ = [
     "get_targets",
     "ClassSubset",
     "TrainValSplit",
+    "TrainTestSplit",
     "Subsample",
     "AsOOD",
     "ModelInput",
     "to_image_tensor",
+    "image_hw",
+    "RESIZE_POLICIES",
 ]
 
 # ITU-R BT.601 luma weights (R, G, B).
@@ -122,6 +126,32 @@ class TrainValSplit(_IndexView):
         self.part = part
 
 
+class TrainTestSplit(_IndexView):
+    """Deterministic held-out split for a dataset without an official test split: ``part="test"`` gets
+    ``round(test_fraction * N_c)`` samples of every label ``c`` (stratified; ``stratify=False``:
+    ``round(test_fraction * N)`` overall), ``part="train"`` the rest. The same ``seed`` gives disjoint,
+    complementary parts (indices kept sorted). Split the full dataset first, then take a
+    :class:`ClassSubset` of a part, so that ID and held-out-class OOD sets come from the same parts."""
+
+    def __init__(self, dataset, part: str = "train", test_fraction: float = 0.3, seed: int = 0,
+                 stratify: bool = True):
+        if part not in ("train", "test"):
+            raise ValueError(f"TrainTestSplit: part must be 'train' or 'test', got {part!r}")
+        if not 0.0 < float(test_fraction) < 1.0:
+            raise ValueError(f"TrainTestSplit: test_fraction must be in (0, 1), got {test_fraction!r}; "
+                             "set dataset.test_fraction=0.3 for example")
+        targets = get_targets(dataset)
+        rng = np.random.default_rng(int(seed))
+        groups = [np.flatnonzero(targets == c) for c in np.unique(targets)] if stratify else [np.arange(len(targets))]
+        test = np.concatenate([g[rng.permutation(len(g))[:int(round(float(test_fraction) * len(g)))]]
+                               for g in groups]) if len(targets) else np.zeros(0, np.int64)
+        mask = np.zeros(len(targets), dtype=bool)
+        mask[test] = True
+        indices = np.flatnonzero(mask if part == "test" else ~mask)
+        super().__init__(dataset, indices, targets[indices])
+        self.part = part
+
+
 class Subsample(_IndexView):
     """Deterministic random subset of ``min(limit, N)`` samples (indices kept sorted); all samples if
     ``limit`` is None."""
@@ -178,15 +208,55 @@ def to_image_tensor(image) -> torch.Tensor:
     return image.float()
 
 
+RESIZE_POLICIES = ("stretch", "letterbox", "none")
+
+
+def image_hw(size, what: str = "dataset.image_size", min_side: int = 1) -> tuple[int, int]:
+    """``(H, W)`` from an image size given as an int ``S`` (square ``S``×``S``) or a pair ``[H, W]`` (list,
+    tuple or OmegaConf ListConfig). Anything else raises a ``ValueError`` that starts with ``what`` (the
+    config key the value comes from)."""
+    def side(v) -> int:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < min_side:
+            raise ValueError
+        return int(v)
+
+    try:
+        if isinstance(size, (str, bytes)):
+            raise ValueError
+        if isinstance(size, numbers.Integral):
+            s = side(size)
+            return s, s
+        pair = list(size)
+        if len(pair) != 2:
+            raise ValueError
+        return side(pair[0]), side(pair[1])
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an int >= {min_side} (square) or a pair [H, W] of ints >= {min_side}, "
+                         f"got {size!r}; e.g. 28 or [32, 48]") from None
+
+
 class ModelInput(WrapsTargets):
     """Converts any dataset's images to the ID model's input: channels, size, normalization.
 
     Channel conversion: 1→3 repeats, 3→1 uses ITU-R BT.601 luma (0.299, 0.587, 0.114), 4→3 drops alpha.
-    Resize to ``image_size``×``image_size`` (bilinear, antialiased) only when the size differs; then
-    ``(x - mean) / std`` per channel. Returns ``(image, label, index)``; ``index`` is the position here.
+    ``image_size`` is an int ``S`` (model input ``S``×``S``) or a pair ``[H, W]``. ``resize`` (config key
+    ``dataset.resize``) says how an image whose size differs from ``H``×``W`` gets there; an image already
+    ``H``×``W`` is never resampled:
+
+    - ``"stretch"`` (default): bilinear, antialiased resize to ``H``×``W`` (the aspect ratio may change);
+    - ``"letterbox"``: bilinear, antialiased resize by one factor ``min(H/h, W/w)`` (aspect kept, sides
+      rounded), centred (extra pixel bottom/right), the rest padded with the per-channel ``mean``, which is
+      exactly 0 after normalization;
+    - ``"none"``: no resampling. The classification collate stacks a batch, so every image must then
+      already be ``H``×``W``: an image of another size raises a ``ValueError`` (naming ``dataset.resize``)
+      when it is read. With ``image_size=None`` (allowed only with ``"none"``) native sizes pass through
+      unchecked, for ``batch_size=1`` or a collate that handles mixed sizes.
+
+    Then ``(x - mean) / std`` per channel. Returns ``(image, label, index)``; ``index`` is the position here.
     """
 
-    def __init__(self, dataset, channels: int, image_size: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, dataset, channels: int, image_size: int | Sequence[int] | None, mean: Sequence[float],
+                 std: Sequence[float], resize: str = "stretch"):
         if len(dataset) == 0:
             raise ValueError(f"ModelInput: dataset {_name(dataset)} is empty (empty split); "
                              "check its root/classes/limit settings")
@@ -198,9 +268,22 @@ class ModelInput(WrapsTargets):
                              f"got mean={mean}, std={std}")
         if any(s <= 0 for s in std):
             raise ValueError(f"ModelInput: std values must be > 0, got {std}")
+        if resize not in RESIZE_POLICIES:
+            raise ValueError(f"ModelInput: dataset.resize must be one of {', '.join(RESIZE_POLICIES)}, "
+                             f"got {resize!r}; e.g. dataset.resize=letterbox")
+        if image_size is None:
+            if resize != "none":
+                raise ValueError(f"ModelInput: dataset.image_size is null, which needs dataset.resize=none "
+                                 f"(native sizes), got dataset.resize={resize}")
+            self.size = None
+        else:
+            self.size = image_hw(image_size, "ModelInput: dataset.image_size")
         self.dataset = dataset
         self.channels = int(channels)
-        self.image_size = int(image_size)
+        # as given: an int (square), an (H, W) tuple, or None (native sizes); ``size`` is always (H, W) or None
+        square_int = self.size is not None and isinstance(image_size, numbers.Integral)
+        self.image_size = self.size[0] if square_int else self.size
+        self.resize = resize
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self._luma = torch.tensor(LUMA_601, dtype=torch.float32).view(3, 1, 1)
@@ -208,8 +291,12 @@ class ModelInput(WrapsTargets):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def convert(self, image) -> torch.Tensor:
-        """Normalized model input ``[channels, image_size, image_size]`` for one image."""
+    @staticmethod
+    def _interpolate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+    def convert(self, image, index: int | None = None) -> torch.Tensor:
+        """Normalized model input ``[channels, H, W]`` for one image (``index`` only names it in errors)."""
         x = to_image_tensor(image)
         c = x.shape[0]
         if c == 4:
@@ -223,11 +310,26 @@ class ModelInput(WrapsTargets):
                 x = (x * self._luma).sum(0, keepdim=True)
             else:
                 raise ValueError(f"ModelInput: cannot convert a {c}-channel image to {self.channels} channels")
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False, antialias=True)[0]
-        return (x - self.mean) / self.std
+        hw = tuple(x.shape[-2:])
+        if self.size is None or hw == self.size:
+            return (x - self.mean) / self.std
+        H, W = self.size
+        if self.resize == "stretch":
+            return (self._interpolate(x, self.size) - self.mean) / self.std
+        if self.resize == "none":
+            where = f" (item {index} of {_name(self.dataset)})" if index is not None else ""
+            raise ValueError(f"ModelInput: image{where} is {hw[0]}x{hw[1]} but dataset.image_size is {H}x{W} "
+                             "and dataset.resize=none (no resizing; a batch needs equal sizes); "
+                             "set dataset.resize=stretch or dataset.resize=letterbox")
+        h, w = hw
+        scale = min(H / h, W / w)
+        nh, nw = min(H, max(1, round(h * scale))), min(W, max(1, round(w * scale)))
+        if (nh, nw) != hw:
+            x = self._interpolate(x, (nh, nw))
+        x = (x - self.mean) / self.std
+        top, left = (H - nh) // 2, (W - nw) // 2
+        return F.pad(x, (left, W - nw - left, top, H - nh - top), value=0.0)
 
     def __getitem__(self, i: int):
         image, label = self.dataset[i]
-        return self.convert(image), int(label), int(i)
+        return self.convert(image, i), int(label), int(i)
