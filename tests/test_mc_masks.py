@@ -1,0 +1,426 @@
+"""Deterministic per-sample MC masks (``mc_mode(..., samples=S, seed=...)``): batch-invariance and semantics."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from dropblock import DropBlock2D, DropBlock3D
+from torch import nn
+
+from larex.extraction.mc import deterministic_masks, mc_masks_seed, mc_mode
+from larex.models.resnet import ResNet18
+from larex.models.small_cnn import SmallCNN
+
+S = 4
+SEED = 7
+
+
+def _images(n: int, c: int, hw: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, c, hw, hw, generator=torch.Generator().manual_seed(seed))
+
+
+def _small_cnn(drop_prob: float = 0.3) -> nn.Module:
+    torch.manual_seed(0)
+    return SmallCNN(in_channels=1, num_classes=8, drop_prob=drop_prob).eval()
+
+
+def _resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return ResNet18(num_classes=10, in_channels=3, dropblock_prob=0.3, dropblock_after="layer3").eval()
+
+
+def _mc_run(model: nn.Module, layer: nn.Module, x: torch.Tensor, batch: int, *, seed: int = SEED,
+            samples: int = S, order: torch.Tensor | None = None, share_prefix: bool = False,
+            drop_prob: float | None = None, block_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Per image [N, S, ...] outputs of ``layer`` and of the model, as module.py's MC forward computes them
+    (rows b*S + s; with ``share_prefix`` the first MC layer's input is repeated S times by a pre-hook)."""
+    n = x.shape[0]
+    order = torch.arange(n) if order is None else order
+    caps: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _a, out: caps.append(out.detach().clone()))
+    outs_layer, outs_model = [None] * n, [None] * n
+    try:
+        with torch.inference_mode(), mc_mode(model, drop_prob, block_size, samples=samples, seed=seed) as layers:
+            for i0 in range(0, n, batch):
+                idx = order[i0:i0 + batch]
+                xb = x[idx]
+                pre = []
+                if share_prefix:
+                    first = layers[0][1]
+                    pre.append(first.register_forward_pre_hook(
+                        lambda _m, args: (args[0].repeat_interleave(samples, 0), *args[1:])))
+                else:
+                    xb = xb.repeat_interleave(samples, 0)
+                try:
+                    caps.clear()
+                    y = model(xb)
+                finally:
+                    for h in pre:
+                        h.remove()
+                z = caps[0]
+                z = z.reshape(len(idx), samples, *z.shape[1:])
+                y = y.reshape(len(idx), samples, *y.shape[1:])
+                for j, i in enumerate(idx.tolist()):
+                    outs_layer[i], outs_model[i] = z[j], y[j]
+    finally:
+        handle.remove()
+    return {"layer": torch.stack(outs_layer), "model": torch.stack(outs_model)}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    # CPU convolutions are not bit-identical across batch sizes (oneDNN picks kernels by batch size; a
+    # ~1e-6 difference), so whole-model outputs are compared at a tolerance far below any mask change
+    for k in a:
+        atol = 1e-5 * max(1.0, b[k].abs().max().item())
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=atol), k
+
+
+def _mc_tail(model: nn.Module, mc_layer: nn.Module, tail, z: torch.Tensor, batch: int,
+             order: torch.Tensor | None = None, seed: int = SEED) -> dict[str, torch.Tensor]:
+    """Per image [N, S, ...] output of ``mc_layer`` (and ``tail`` of it) on the precomputed MC-layer input
+    ``z`` (computed once for all images), rows b*S + s, under ``mc_mode(model, samples=S, seed=seed)``.
+    The MC layer output is a pure function of its input rows, so it must match bit for bit."""
+    n = z.shape[0]
+    order = torch.arange(n) if order is None else order
+    outs, tails = [None] * n, [None] * n
+    with torch.inference_mode(), mc_mode(model, samples=S, seed=seed):
+        for i0 in range(0, n, batch):
+            idx = order[i0:i0 + batch]
+            o = mc_layer(z[idx].repeat_interleave(S, 0))
+            t = tail(o)
+            o, t = o.reshape(len(idx), S, *o.shape[1:]), t.reshape(len(idx), S, *t.shape[1:])
+            for j, i in enumerate(idx.tolist()):
+                outs[i], tails[i] = o[j], t[j]
+    return {"layer": torch.stack(outs), "tail": torch.stack(tails)}
+
+
+def _check_invariance(model, mc_layer, tail, z):
+    ref = _mc_tail(model, mc_layer, tail, z, batch=64)
+    assert torch.isfinite(ref["layer"]).all() and torch.isfinite(ref["tail"]).all()
+    # the masks are active: not all passes equal, and another seed changes the result well beyond tolerance
+    assert any(not torch.equal(ref["layer"][:, 0], ref["layer"][:, s]) for s in range(1, S))
+    other_seed = _mc_tail(model, mc_layer, tail, z, batch=64, seed=SEED + 1)
+    assert (other_seed["tail"] - ref["tail"]).abs().max() > 1e-2
+    perm = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(3))
+    for batch, order in ((1, None), (7, None), (7, perm), (64, perm)):
+        got = _mc_tail(model, mc_layer, tail, z, batch=batch, order=order)
+        assert torch.equal(got["layer"], ref["layer"]), (batch, order is None)
+        _assert_close({"tail": got["tail"]}, {"tail": ref["tail"]})
+    # neighbours replaced by other images: image 5's result unchanged
+    other = torch.randn(z.shape, generator=torch.Generator().manual_seed(99))
+    other[5] = z[5]
+    alt = _mc_tail(model, mc_layer, tail, other, batch=64)
+    assert torch.equal(alt["layer"][5], ref["layer"][5])
+    return ref
+
+
+# ---------------------------------------------------------------- batch invariance
+
+def test_small_cnn_mc_layer_output_bit_identical_across_batch_size_order_and_neighbours():
+    model = _small_cnn()
+    x = _images(64, 1, 28)
+    with torch.inference_mode():
+        z = model.block2(model.block1(x))
+    _check_invariance(model, model.dropblock, lambda o: model.fc(model.flatten(model.pool(model.block3(o)))), z)
+
+
+def test_resnet18_mc_layer_output_bit_identical_across_batch_size_order_and_neighbours():
+    model = _resnet()
+    x = _images(64, 3, 16)
+    with torch.inference_mode():
+        z = model.relu(model.bn1(model.conv1(x)))
+        for name in ("layer1", "layer2", "layer3"):
+            z = getattr(model, name)(z)
+    _check_invariance(model, model.dropblock, model.layer4[0], z)
+
+
+@pytest.mark.parametrize("hook", ["dropblock", "block3"])
+def test_small_cnn_full_forward_independent_of_batch_size_order_and_neighbours(hook):
+    model = _small_cnn()
+    layer = getattr(model, hook)
+    x = _images(64, 1, 28)
+    ref = _mc_run(model, layer, x, batch=64)
+    assert torch.isfinite(ref["layer"]).all() and torch.isfinite(ref["model"]).all()
+    assert not torch.equal(ref["layer"][:, 0], ref["layer"][:, 1])
+    other_seed = _mc_run(model, layer, x, batch=64, seed=SEED + 1)
+    assert (other_seed["layer"] - ref["layer"]).abs().max() > 1e-2
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(3))
+    for batch, order in ((1, None), (7, None), (7, perm), (64, perm)):
+        _assert_close(ref, _mc_run(model, layer, x, batch=batch, order=order))
+    other = _images(64, 1, 28, seed=99)
+    other[5] = x[5]
+    alt = _mc_run(model, layer, other, batch=64)
+    _assert_close({k: v[5] for k, v in alt.items()}, {k: v[5] for k, v in ref.items()})
+    # the shared-prefix forward (module.py's default) gives the same samples
+    _assert_close(ref, _mc_run(model, layer, x, batch=7, share_prefix=True))
+    _assert_close(ref, _mc_run(model, layer, x, batch=1, share_prefix=True))
+
+
+def test_resnet18_full_forward_independent_of_batch():
+    model = _resnet()
+    x = _images(64, 3, 16)
+    # DropBlock output after layer3 and the logits; prefix run once per image as module.py does
+    ref = _mc_run(model, model.dropblock, x, batch=64, share_prefix=True)
+    assert any(not torch.equal(ref["layer"][:, 0], ref["layer"][:, s]) for s in range(1, S))
+    assert torch.isfinite(ref["model"]).all()
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(4))
+    for batch, order in ((1, None), (7, None), (64, perm)):
+        _assert_close(ref, _mc_run(model, model.dropblock, x, batch=batch, order=order, share_prefix=True))
+    # a later layer, full S-fold forward
+    sub = x[:8]
+    full = _mc_run(model, model.layer4, sub, batch=8)
+    for batch in (1, 3):
+        _assert_close(full, _mc_run(model, model.layer4, sub, batch=batch))
+
+
+def test_pass_s_of_every_image_uses_mask_s():
+    model = _small_cnn(drop_prob=0.5)
+    x = torch.ones(3, 64, 7, 7)
+    with torch.inference_mode(), mc_mode(model, samples=S, seed=SEED):
+        out = model.dropblock(x.repeat_interleave(S, 0)).reshape(3, S, 64, 7, 7)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+    assert not torch.equal(out[0, 0], out[0, 1])
+
+
+# ---------------------------------------------------------------- RNG independence, seeds
+
+def test_independent_of_and_leaves_global_rng():
+    model = _small_cnn()
+    x = _images(6, 1, 28)
+    torch.manual_seed(1)
+    a = _mc_run(model, model.block3, x, batch=6)
+    torch.manual_seed(12345)
+    state = torch.random.get_rng_state()
+    b = _mc_run(model, model.block3, x, batch=6)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    _assert_same(a, b)
+
+
+def test_seeds_change_masks_and_passes_differ():
+    model = _small_cnn(drop_prob=0.5)
+    x = _images(5, 1, 28)
+    a = _mc_run(model, model.dropblock, x, batch=5, seed=7)
+    b = _mc_run(model, model.dropblock, x, batch=5, seed=8)
+    assert not torch.equal(a["layer"], b["layer"])
+    for s1 in range(S):
+        for s2 in range(s1 + 1, S):
+            assert not torch.equal(a["layer"][:, s1], a["layer"][:, s2])
+    m1, _ = deterministic_masks(model.dropblock, (64, 7, 7), S, 7, 0)
+    m2, _ = deterministic_masks(model.dropblock, (64, 7, 7), S, 8, 0)
+    m3, _ = deterministic_masks(model.dropblock, (64, 7, 7), S, 7, 1)
+    assert not torch.equal(m1, m2) and not torch.equal(m1, m3)
+    assert torch.equal(m1, deterministic_masks(model.dropblock, (64, 7, 7), S, 7, 0)[0])
+
+
+def test_mc_masks_seed_is_stable():
+    v = mc_masks_seed(7, 0, (64, 7, 7), 16)
+    assert v == mc_masks_seed(7, 0, (64, 7, 7), 16) and 0 <= v < 2 ** 63
+    # pinned: a change here changes every deterministic MC result (bump _MASKS_VERSION on purpose)
+    assert v == 6792963241084662069
+    others = {mc_masks_seed(8, 0, (64, 7, 7), 16), mc_masks_seed(7, 1, (64, 7, 7), 16),
+              mc_masks_seed(7, 0, (64, 7, 8), 16), mc_masks_seed(7, 0, (64, 7, 7), 15),
+              mc_masks_seed(7, 0, (64, 7, 7, 1), 16), mc_masks_seed(-1, 0, (64, 7, 7), 16)}
+    assert v not in others and len(others) == 6
+    assert all(0 <= o < 2 ** 63 for o in others)
+
+
+# ---------------------------------------------------------------- DropBlock semantics
+
+def test_dropblock_drop_fraction_matches_dropblock_and_scale_is_numel_over_sum():
+    n = 4000
+    layer = nn.Sequential(DropBlock2D(drop_prob=0.5, block_size=3))
+    with torch.inference_mode(), mc_mode(layer, samples=n, seed=SEED):
+        out = layer(torch.ones(n, 2, 7, 7))
+    torch.manual_seed(0)
+    ref = DropBlock2D(drop_prob=0.5, block_size=3).train()(torch.ones(n, 2, 7, 7))
+    ours_drop = (out == 0).float().mean().item()
+    ref_drop = (ref == 0).float().mean().item()
+    assert 0.25 < ref_drop < 0.45
+    assert abs(ours_drop - ref_drop) < 0.02
+    # one mask shared by all channels; per-mask scale exactly numel / sum of that mask
+    assert torch.equal(out[:, 0], out[:, 1])
+    kept = (out[:, 0] != 0).flatten(1).sum(1)
+    assert (kept > 0).all()
+    scale = torch.tensor([49.0 / k for k in kept.tolist()], dtype=torch.float32)
+    nz = out[:, 0].flatten(1)
+    for i in range(0, n, 97):
+        vals = nz[i][nz[i] != 0]
+        assert torch.equal(vals, scale[i].expand_as(vals))
+    # the scales differ between masks (per-mask normalisation, not a batch-wide kept fraction)
+    assert scale.unique().numel() > 5
+
+
+def test_dropblock_mask_matches_dropblock_block_mask_definition():
+    db = DropBlock2D(drop_prob=0.4, block_size=4)  # even block size: crop
+    mul, add = deterministic_masks(db, (3, 9, 9), 50, SEED, 0)
+    assert add is None and mul.shape == (50, 1, 9, 9) and mul.dtype == torch.float64
+    gen = torch.Generator().manual_seed(mc_masks_seed(SEED, 0, (3, 9, 9), 50))
+    seeds = (torch.rand((50, 9, 9), generator=gen, dtype=torch.float64) < 0.4 / 16).float()
+    block = db._compute_block_mask(seeds)  # dropblock 0.3.0's own block-mask code
+    assert torch.equal((mul[:, 0] > 0).float(), block)
+
+
+def test_dropblock_tiny_maps_fully_dropped_give_zeros_not_nan():
+    for hw in (1, 2):
+        layer = nn.Sequential(DropBlock2D(drop_prob=0.9, block_size=3))
+        x = torch.randn(3 * 64, 5, hw, hw)
+        with torch.inference_mode(), mc_mode(layer, samples=64, seed=SEED):
+            out = layer(x)
+        assert torch.isfinite(out).all()
+        rows = out.reshape(3, 64, -1)
+        dropped = (rows == 0).all(dim=2)
+        assert dropped.any() and not dropped.all()  # some masks drop everything, some keep
+        assert torch.equal(dropped[0], dropped[1])
+        kept = ~dropped[0]
+        xr = x.reshape(3, 64, -1)
+        # hw == 1: nothing partial, kept rows are the input times 1 (1 / 1)
+        if hw == 1:
+            assert torch.equal(rows[:, kept], xr[:, kept])
+
+
+def test_dropblock3d_per_mask():
+    n = 2000
+    layer = nn.Sequential(DropBlock3D(drop_prob=0.5, block_size=3))
+    with torch.inference_mode(), mc_mode(layer, samples=n, seed=SEED):
+        out = layer(torch.ones(n, 2, 5, 5, 5))
+    torch.manual_seed(0)
+    ref = DropBlock3D(drop_prob=0.5, block_size=3).train()(torch.ones(n, 2, 5, 5, 5))
+    assert abs((out == 0).float().mean().item() - (ref == 0).float().mean().item()) < 0.02
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.isfinite(out).all()
+    flat = out[:, 0].flatten(1)
+    for i in range(0, n, 101):
+        vals = flat[i][flat[i] != 0]
+        if vals.numel():
+            assert torch.equal(vals, torch.tensor(125.0 / vals.numel()).expand_as(vals))
+
+
+# ---------------------------------------------------------------- dropout semantics
+
+def test_dropout_keep_fraction_and_exact_scale():
+    p = 0.3
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(p))
+    x = torch.ones(1000 * 8, 200)
+    with torch.inference_mode(), mc_mode(model, samples=8, seed=SEED):
+        out = model[1](x)
+    keep = (out != 0).float().mean().item()
+    assert abs(keep - (1 - p)) < 0.01
+    assert torch.equal(out[out != 0], torch.tensor(1 / (1 - p), dtype=torch.float32).expand(int((out != 0).sum())))
+    r = out.reshape(1000, 8, 200)
+    assert torch.equal(r[0], r[999]) and not torch.equal(r[0, 0], r[0, 1])
+
+
+def test_dropout2d_masks_whole_channels():
+    model = nn.Sequential(nn.Dropout2d(0.5))
+    with torch.inference_mode(), mc_mode(model, samples=6, seed=SEED):
+        out = model(torch.ones(12, 32, 3, 3))
+    per_channel = out.flatten(2)
+    assert torch.equal(per_channel, per_channel[:, :, :1].expand_as(per_channel))
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(out[:6], out[6:])
+
+
+@pytest.mark.parametrize("cls", [nn.AlphaDropout, nn.FeatureAlphaDropout])
+def test_alpha_dropouts_follow_torch_formula(cls):
+    p = 0.2
+    model = nn.Sequential(cls(p))
+    x = torch.randn(40, 16, 4, generator=torch.Generator().manual_seed(1))
+    xs = x.repeat_interleave(50, 0)
+    with torch.inference_mode(), mc_mode(model, samples=50, seed=SEED):
+        out = model(xs)
+    torch.manual_seed(0)
+    ref = cls(p).train()(xs)
+    alpha = 1.7580993408473766
+    a = 1.0 / math.sqrt((alpha ** 2 * p + 1) * (1 - p))
+    dropped_value = -alpha * a + alpha * a * p
+    for y in (out, ref):  # ours and torch's: every element is kept (a*x + alpha*a*p) or the dropped constant
+        kept = ~torch.isclose(y, torch.tensor(dropped_value), atol=1e-6)
+        assert torch.allclose(y[kept], (a * xs + alpha * a * p)[kept], atol=1e-5)
+    ours_drop = torch.isclose(out, torch.tensor(dropped_value), atol=1e-6).float().mean().item()
+    assert abs(ours_drop - p) < 0.03
+    is_drop = torch.isclose(out, torch.tensor(dropped_value), atol=1e-6)
+    mul, add = deterministic_masks(model[0], (16, 4), 50, SEED, 0)
+    assert add is not None and mul.shape == ((50, 16, 1) if cls is nn.FeatureAlphaDropout else (50, 16, 4))
+    if cls is nn.FeatureAlphaDropout:  # whole channels dropped
+        assert torch.equal(is_drop.all(dim=2), is_drop.any(dim=2))
+    else:  # single elements dropped
+        assert not torch.equal(is_drop.all(dim=2), is_drop.any(dim=2))
+    r = out.reshape(40, 50, -1)
+    assert not torch.equal(r[:, 0], r[:, 1])
+    # self-normalising: standard-normal input keeps mean ~0 and std ~1
+    z = torch.randn(50 * 400, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode(), mc_mode(model, samples=50, seed=SEED):
+        oz = model(z)
+    assert abs(oz.mean().item()) < 0.05 and abs(oz.std().item() - 1) < 0.05
+
+
+# ---------------------------------------------------------------- overrides, errors, restoration
+
+def test_overrides_respected_in_deterministic_mode():
+    model = _small_cnn(drop_prob=0.3)
+    x = _images(4, 1, 28)
+    with torch.inference_mode():
+        base = model(x).repeat_interleave(S, 0).reshape(4, S, -1)
+    off = _mc_run(model, model.block3, x, batch=4, drop_prob=0.0)
+    assert torch.allclose(off["model"], base, atol=1e-5)
+    a = _mc_run(model, model.dropblock, x, batch=4, block_size=3)
+    b = _mc_run(model, model.dropblock, x, batch=4, block_size=2)
+    assert not torch.equal(a["layer"], b["layer"])
+    lo = _mc_run(model, model.dropblock, torch.ones(2, 1, 28, 28), batch=2, drop_prob=0.1, samples=64)
+    hi = _mc_run(model, model.dropblock, torch.ones(2, 1, 28, 28), batch=2, drop_prob=0.6, samples=64)
+    assert (hi["layer"] == 0).float().mean() > (lo["layer"] == 0).float().mean() + 0.1
+    assert model.dropblock.drop_prob == 0.3 and model.dropblock.block_size == 3
+
+
+def test_rows_not_multiple_of_samples_is_clear_error_and_all_restored():
+    model = _small_cnn().train()
+    model.block1[1].eval()
+    flags = {n: m.training for n, m in model.named_modules()}
+    with pytest.raises(RuntimeError, match=r"MC layer 'dropblock'.*5 rows.*samples=4"):
+        with mc_mode(model, drop_prob=0.5, block_size=2, samples=4, seed=SEED):
+            assert "forward" in model.dropblock.__dict__
+            model(torch.randn(5, 1, 28, 28))
+    assert "forward" not in model.dropblock.__dict__
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert model.dropblock.drop_prob == 0.3 and model.dropblock.block_size == 3
+    with pytest.raises(ValueError, match="both samples and seed"):
+        with mc_mode(model, samples=4):
+            pass
+    with pytest.raises(ValueError, match="samples"):
+        with mc_mode(model, samples=0, seed=1):
+            pass
+
+
+def test_masks_made_under_inference_mode_work_with_autograd_and_float64():
+    model = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5), nn.Linear(6, 2))
+    x = torch.randn(2 * 3, 6)
+    with mc_mode(model, samples=3, seed=SEED):
+        with torch.inference_mode():
+            y0 = model(x)
+        xi = x.clone().requires_grad_(True)
+        y1 = model(xi)
+        y1.sum().backward()
+        assert xi.grad is not None
+        y2 = model.double()(x.double())
+    model.float()
+    assert torch.allclose(y0, y1.detach()) and torch.allclose(y2.float(), y0, atol=1e-5)
+
+
+def test_without_samples_layers_use_their_own_rng():
+    model = _small_cnn(drop_prob=0.5)
+    x = _images(4, 1, 28).repeat_interleave(S, 0)
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    with torch.inference_mode(), mc_mode(model) as layers:
+        assert "forward" not in model.dropblock.__dict__ and [n for n, _ in layers] == ["dropblock"]
+        a, b = model(x), model(x)
+    assert not torch.equal(a, b)
+    assert not torch.equal(torch.random.get_rng_state(), state)  # drew from the global RNG
+    torch.manual_seed(0)
+    with torch.inference_mode(), mc_mode(model):
+        assert torch.equal(model(x), a)  # reproducible through the global seed, as before
