@@ -47,7 +47,7 @@ FIT, VAL, TEST, OOD = feats(0, 400), feats(1, 150), feats(2, 150), feats(3, 150,
 
 
 def run(pp, test=TEST):
-    return pp.fit({k: FIT[k] for k in pp.requires}, {k: VAL[k] for k in pp.requires}).score(
+    return pp.fit({k: FIT[k] for k in pp.fit_requires}, {k: VAL[k] for k in pp.requires}).score(
         {k: test[k] for k in pp.requires})
 
 
@@ -185,7 +185,7 @@ def test_ddu_auto_jitter_handles_rank_deficient_classes():
     pp = DDU().fit(few)
     assert pp.jitter_ > 0
     assert np.isfinite(pp.score(TEST)).all()
-    assert DDU().fit({k: FIT[k] for k in DDU.requires}).jitter_ == 0.0
+    assert DDU().fit({k: FIT[k] for k in DDU.fit_requires}).jitter_ == 0.0
 
 
 def test_mdist_and_rmd_equal_loop_formula():
@@ -237,7 +237,7 @@ def test_nnguide_equals_loop_formula():
 
 
 def test_she_falls_back_to_class_mean_without_correct_predictions():
-    fit = {k: FIT[k] for k in SHE.requires}
+    fit = {k: FIT[k] for k in SHE.fit_requires}
     fit["labels"] = (FIT["logits"].argmax(1) + 1) % C  # nothing is classified correctly
     pp = SHE().fit(fit)
     for c in range(C):

@@ -276,6 +276,15 @@ def test_odin_reads_configurable_key():
     np.testing.assert_array_equal(pp.score({"odin_logits": x}), ODIN().score({"logits": x}))
     with pytest.raises(MissingFeatureError, match="odin_logits"):
         pp.score({"logits": x})
+    # the producer's parameters come from the method: only odin_logits asks for T and epsilon
+    assert pp.extraction_params() == {"odin_logits": {"temperature": 1000.0, "epsilon": 0.0014}}
+    assert ODIN(temperature=10, key="odin_logits", epsilon=0).extraction_params() == {
+        "odin_logits": {"temperature": 10.0, "epsilon": 0.0}}
+    assert ODIN().extraction_params() == {"logits": {}}
+    np.testing.assert_array_equal(ODIN(epsilon=0.5).score({"logits": x}), ODIN().score({"logits": x}))
+    for bad in (-0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="epsilon"):
+            ODIN(key="odin_logits", epsilon=bad)
 
 
 def test_kl_matching_state_round_trip():

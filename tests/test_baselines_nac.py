@@ -18,11 +18,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from larex.extraction.hooks import LayerNotFoundError
 from larex.extraction.module import FeatureExtractor
+from larex.extraction.plan import plan_extraction
+from larex.extraction.producers.nac import NAC
 from larex.metrics import auroc
 from larex.models.small_cnn import SmallCNN
 from larex.postprocessors.base import MissingFeatureError
 from larex.postprocessors.nac import NACUE, bin_indices, geometric_edges
-from larex.stages.extract import build_extractor
+from larex.stages.common import method_requests
 
 ALPHA = 1e5  # steep enough that the states of a random-init net are spread over (0, 1), not all ~0.5
 
@@ -133,23 +135,36 @@ def test_nac_statistics_of_a_layer_modified_in_place_later():
         torch.testing.assert_close(got[i], ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-4)
 
 
-def test_extractor_nac_arguments_and_build_extractor():
+def test_extractor_nac_arguments_and_the_plan_from_the_method():
     model = _cnn()
     with pytest.raises(LayerNotFoundError, match="blok3"):
         FeatureExtractor(model, hooked_layer="block3", nac_layers=["blok3"])
     with pytest.raises(ValueError, match="nac_layers"):
         FeatureExtractor(model, hooked_layer="block3", keys=("logits", "nac.block3"))
-    cfg = OmegaConf.create({"hooked_layer": {"path": "block3", "mc_samples": 2}, "model": {"head": "fc"},
-                            "extract": {"features": ["logits"], "mc_batch": None}, "seed": 0})
-    OmegaConf.set_struct(cfg, True)  # as Hydra hands it over: the optional keys may be absent
-    assert build_extractor(cfg, model).nac_layers == ()
-    OmegaConf.set_struct(cfg, False)
-    cfg.extract.nac_layers = ["block2", "block3"]
-    ext = build_extractor(cfg, model)
-    assert ext.nac_layers == ("block2", "block3")
-    out = ext.predict_step(_batch(n=3))
-    assert set(out) == {"logits", "nac.block2", "nac.block3"}
+    # the method's layers are its required keys; the plan builds the NAC producer for exactly those
+    method = NACUE(layers=["block2", "block3"])
+    assert method.requires == ("nac.block2", "nac.block3") and method.fit_requires == method.requires
+    assert method.extraction_params() == {"nac.block2": {}, "nac.block3": {}}
+    context = {"seed": 0, "hooked_layer": {"path": "block3", "mc_samples": 2}, "head": "fc", "extract": {}}
+    plan = plan_extraction(method_requests({"nac_ue": method}), context)
+    (producer,) = [p for p in plan.producers if isinstance(p, NAC)]
+    assert producer.layers == ("block2", "block3")
+    out = FeatureExtractor(model, producers=plan.producers).predict_step(_batch(n=3))
+    assert set(out) == {"labels", "nac.block2", "nac.block3"}
     assert out["nac.block2"].shape == (3, 16) and out["nac.block3"].shape == (3, 32)
+
+
+def test_nac_ue_yaml_takes_its_layers_from_the_model_config():
+    import importlib.resources
+
+    from hydra.utils import instantiate
+
+    spec = OmegaConf.load(str(importlib.resources.files("larex.configs") / "baselines" / "nac_ue.yaml"))
+    assert OmegaConf.to_container(spec)["layers"] == "${model.nac_layers}"  # no layer named in the method YAML
+    for layers in (["block3"], ["layer3", "layer4"]):
+        cfg = OmegaConf.create({"model": {"nac_layers": layers}, "m": spec})
+        pp = instantiate(cfg.m)
+        assert pp.layers == layers and pp.requires == tuple(f"nac.{l}" for l in layers)
 
 
 def test_bins_equal_pytorch_ood_geometric_bins():
@@ -298,7 +313,8 @@ def test_nacue_missing_feature_and_bad_arguments():
     pp = NACUE(layers=["block3"])
     with pytest.raises(MissingFeatureError) as err:
         pp.fit({"logits": np.zeros((4, 3), dtype=np.float32)})
-    assert "'nac.block3'" in str(err.value) and "extract.nac_layers=[block3]" in str(err.value)
+    assert "'nac.block3'" in str(err.value) and "nac_ue.layers=[block3]" in str(err.value)
+    assert "extract.nac_layers" not in str(err.value)  # no such setting: the plan follows the method
     with pytest.raises(ValueError, match="bins"):
         NACUE(layers=["a", "b"], bins=[10])
     for bad in (0.0, -1.0, float("inf"), float("nan"), True, "Auto", [1.0], [1.0, "x"]):

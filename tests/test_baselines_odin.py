@@ -15,11 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from larex.extraction.module import FeatureExtractor
+from larex.extraction.plan import plan_extraction
+from larex.extraction.producers.odin import ODIN as OdinProducer
 from larex.models.small_cnn import SmallCNN
 from larex.postprocessors.logits import ODIN
-from larex.stages.common import ConfigError
-from larex.stages.evaluate import check_requirements, producible_features
-from larex.stages.extract import build_extractor
+from larex.stages.common import method_requests
+from larex.stages.evaluate import check_requirements
 
 PAPER = {"temperature": 1000.0, "epsilon": 0.0014}
 
@@ -135,9 +136,9 @@ def test_no_parameter_grads_and_training_flags_restored():
     assert int(bn.num_batches_tracked) == stats[2]
 
 
-def test_odin_arguments_and_build_extractor():
+def test_odin_arguments_and_the_plan_from_the_method():
     model = _cnn()
-    with pytest.raises(ValueError, match="extract.odin"):
+    with pytest.raises(ValueError, match="odin="):
         FeatureExtractor(model, hooked_layer="block3", keys=("logits", "odin_logits"))
     for bad in ({"temperature": 1000.0}, {"temperature": 1.0, "epsilon": 0.1, "eps": 0.1}, [1000.0, 0.0014]):
         with pytest.raises(ValueError, match="exactly the keys"):
@@ -150,28 +151,33 @@ def test_odin_arguments_and_build_extractor():
         FeatureExtractor(model, hooked_layer="block3", keys=("labels",), odin=PAPER).predict_step(
             _batch(torch.zeros(2, 1, 8, 8, dtype=torch.int64)))
 
-    cfg = OmegaConf.create({"hooked_layer": {"path": "block3", "mc_samples": 2}, "model": {"head": "fc"},
-                            "extract": {"features": ["logits"], "mc_batch": None}, "seed": 0})
-    OmegaConf.set_struct(cfg, True)  # as Hydra hands it over: the optional keys may be absent
-    assert build_extractor(cfg, model).odin is None
-    OmegaConf.set_struct(cfg, False)
-    cfg.extract.odin = {"temperature": 1000, "epsilon": 0.0014}
-    ext = build_extractor(cfg, model)
-    assert ext.odin == PAPER
-    assert set(ext.predict_step(_batch(_cnn_input(n=3)))) == {"logits", "odin_logits"}
+    # the method carries the producer's parameters: the plan builds the ODIN producer from them
+    method = ODIN(temperature=1000, key="odin_logits", epsilon=0.0014)
+    assert method.extraction_params() == {"odin_logits": PAPER}
+    assert ODIN().extraction_params() == {"logits": {}}  # temperature-only ODIN asks the producer for nothing
+    context = {"seed": 0, "hooked_layer": {"path": "block3", "mc_samples": 2}, "head": "fc", "extract": {}}
+    plan = plan_extraction(method_requests({"odin_perturbed": method}), context)
+    (producer,) = [p for p in plan.producers if isinstance(p, OdinProducer)]
+    assert producer.identity() == PAPER and "odin_logits" in plan.parts
+    ext = FeatureExtractor(model, producers=plan.producers)
+    assert set(ext.predict_step(_batch(_cnn_input(n=3)))) == {"labels", "odin_logits"}
+    with pytest.raises(ValueError, match="different parameters"):  # two ODIN methods must agree
+        plan_extraction(method_requests({"a": method, "b": ODIN(key="odin_logits", epsilon=0.01)}), context)
 
 
-def test_requirement_check_names_extract_odin():
+def test_odin_perturbed_yaml_plans_the_perturbed_logits():
     with initialize_config_module(config_module="larex.configs", version_base="1.3"):
         cfg = compose("run", overrides=["baselines=[odin_perturbed]"])
-        assert cfg.extract.odin is None and "odin_logits" not in producible_features(cfg)
-        with pytest.raises(ConfigError, match=r"odin_perturbed.*'odin_logits'.*extract\.odin=\{temperature"):
-            check_requirements(cfg)
-        cfg = compose("run", overrides=["baselines=[odin,odin_perturbed]",
-                                        "extract.odin={temperature:1000,epsilon:0.0014}"])
-        assert "odin_logits" in producible_features(cfg)
-        check_requirements(cfg)
-        assert build_extractor(cfg, _cnn()).odin == PAPER
+        assert "odin" not in cfg.extract  # no extract.odin: the method's YAML holds T and epsilon
+        run = check_requirements(cfg)
+        assert run.methods["odin_perturbed"].extraction_params() == {"odin_logits": PAPER}
+        (producer,) = [p for p in run.plan.producers if isinstance(p, OdinProducer)]
+        assert producer.identity() == PAPER
+        run = check_requirements(compose("run", overrides=["baselines=[odin,odin_perturbed]"]))
+        assert "odin_logits" in run.plan.parts and run.methods["odin"].requires == ("logits",)
+        with pytest.raises(Exception, match="ODIN epsilon must be a finite number >= 0"):  # Hydra wraps it
+            check_requirements(compose("run", overrides=["baselines=[odin_perturbed]",
+                                                         "baselines.odin_perturbed.epsilon=-1"]))
         cfg = compose("run", overrides=["experiment=fmnist_demo"])
         assert "odin_perturbed" in cfg.baselines or "all" in cfg.baselines
-        check_requirements(cfg)
+        assert "odin_logits" in check_requirements(cfg).plan.parts

@@ -192,7 +192,7 @@ def test_missing_key_names_key_and_stage(cls):
     with pytest.raises(MissingFeatureError) as err:
         cls(pca=None).fit({"logits": np.zeros((5, 3))})
     assert isinstance(err.value, KeyError)
-    assert "'entropy'" in str(err.value) and "larex-aggregate" in str(err.value)
+    assert "'entropy'" in str(err.value) and "aggregate stage" in str(err.value)
 
 
 @pytest.mark.parametrize("cls", [LaRED, LaREM])
@@ -303,3 +303,110 @@ def test_yaml_configs_instantiate_fit_and_score(name):
     w = rng.normal(size=(3, 20))
     m.fit({"entropy": _latent3(rng, w, 150)}, val={"entropy": _latent3(rng, w, 80)})
     assert np.isfinite(m.score({"entropy": _latent3(rng, w, 10)})).all()
+
+
+# ---------------------------------------------------------------------------- fit / score needs, axes
+class _Recorder(Postprocessor):
+    """Fits on logits + labels, scores logits only; records what ``_fit`` got."""
+
+    requires = ("logits",)
+    fit_requires = ("logits", "labels")
+    name = "recorder"
+
+    def _fit(self, arrays, val):
+        self.seen = (sorted(arrays), None if val is None else sorted(val))
+
+    def _score(self, arrays):
+        return arrays["logits"].max(axis=1)
+
+
+def test_fit_requires_defaults_to_requires_on_classes_and_instances():
+    class Plain(Postprocessor):
+        requires = ("logits",)
+
+    assert Plain.fit_requires == ("logits",) and Plain().fit_requires == ("logits",)
+    assert _Recorder.fit_requires == ("logits", "labels") and _Recorder().fit_requires == ("logits", "labels")
+    pp = Plain()
+    pp.requires = ("odin_logits",)  # per-instance keys (as ODIN / NAC-UE set them from their parameters)
+    assert pp.fit_requires == ("odin_logits",)
+    pp.fit_requires = ["odin_logits", "labels"]
+    assert pp.fit_requires == ("odin_logits", "labels") and Plain().fit_requires == ("logits",)
+    assert Plain().extraction_params() == {"logits": {}}
+    assert _Recorder().extraction_params() == {"logits": {}, "labels": {}}
+
+
+def test_fit_reads_fit_requires_val_and_score_only_requires():
+    rng = np.random.default_rng(60)
+    fit = {"logits": rng.normal(size=(20, 3)), "labels": rng.integers(0, 3, 20), "entropy": rng.normal(size=(20, 2))}
+    pp = _Recorder().fit(fit, {"logits": rng.normal(size=(8, 3))})  # val has no labels
+    assert pp.seen == (["labels", "logits"], ["logits"])
+    _Recorder().fit(fit, {"logits": rng.normal(size=(8, 3)), "labels": np.zeros(8)})  # extra val keys: ignored
+    assert pp.score({"logits": np.eye(3)}).tolist() == [1.0, 1.0, 1.0]
+    assert sorted(pp.fitted_state()) == ["input_shape.logits"]  # score keys only
+    with pytest.raises(MissingFeatureError) as err:
+        _Recorder().fit({"logits": fit["logits"]})
+    assert "'labels'" in str(err.value) and "known labels" in str(err.value)
+    with pytest.raises(FeatureError, match="mismatched shapes"):
+        _Recorder().fit(fit, {"logits": rng.normal(size=(8, 4))})
+
+
+def test_labels_in_requires_are_refused():
+    class ScoresWithLabels(Postprocessor):
+        requires = ("logits", "labels")
+        needs_fit = False
+
+        def _score(self, arrays):
+            return arrays["logits"].max(axis=1)
+
+    for call in (lambda pp: pp.score({"logits": np.eye(2), "labels": np.zeros(2)}),
+                 lambda pp: pp.fit({"logits": np.eye(2), "labels": np.zeros(2)})):
+        with pytest.raises(TypeError, match="fit_requires"):
+            call(ScoresWithLabels())
+
+
+def test_scores_one_value_per_row_of_the_score_axis():
+    class PerBox(Postprocessor):
+        requires = ("image_index",)  # a box-axis key: one row per box
+        needs_fit = False
+
+        def _score(self, arrays):
+            return -arrays["image_index"].astype(np.float64)
+
+    class Mixed(PerBox):
+        requires = ("logits", "image_index")
+
+    class WithHead(PerBox):
+        requires = ("penultimate", "head.weight", "head.bias")
+
+        def _score(self, arrays):
+            return arrays["penultimate"].sum(axis=1)
+
+    assert PerBox().score_axis == "box"
+    assert PerBox().score({"image_index": np.array([0, 0, 1, 2, 2])}).shape == (5,)
+    assert WithHead().score_axis == "image"  # model keys have no rows
+    assert WithHead().score({"penultimate": np.ones((4, 3)), "head.weight": np.ones((2, 3)),
+                             "head.bias": np.ones(2)}).shape == (4,)
+    with pytest.raises(FeatureError, match="different axes"):
+        Mixed().score_axis
+    with pytest.raises(FeatureError, match="different axes"):
+        Mixed().score({"logits": np.eye(3), "image_index": np.arange(3)})
+    with pytest.raises(FeatureError, match="different row counts"):
+        _Recorder().fit({"logits": np.eye(3), "labels": np.zeros(2)})
+
+
+def test_unregistered_keys_are_allowed_without_rank_check():
+    class Custom(Postprocessor):
+        requires = ("my_feature",)
+        needs_fit = False
+
+        def _score(self, arrays):
+            return arrays["my_feature"].reshape(len(arrays["my_feature"]), -1).sum(axis=1)
+
+    assert Custom().score_axis == "image"
+    assert Custom().score({"my_feature": np.ones((3, 2, 2))}).tolist() == [4.0, 4.0, 4.0]
+    with pytest.raises(MissingFeatureError, match="no larex module registers it"):
+        Custom().score({"logits": np.eye(2)})
+    ranked = Custom()
+    ranked.feature_ndim = {"my_feature": 2}  # a class may still give a rank
+    with pytest.raises(FeatureError, match="2-D"):
+        ranked.score({"my_feature": np.ones((3, 2, 2))})

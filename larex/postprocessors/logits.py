@@ -14,6 +14,9 @@ from scipy.special import log_softmax, logsumexp
 
 from larex.postprocessors.base import Postprocessor
 
+ODIN_KEY = "odin_logits"
+"""Feature key of the logits of ODIN-perturbed inputs (written by the ODIN producer)."""
+
 BLOCK_ELEMENTS = 1 << 18
 """float64 elements (2 MiB) per row block of a temporary array: cache-sized blocks whose temporaries are reused
 by the allocator; 32 MiB blocks were 2-3x slower (every block's fresh temporaries page-faulted)."""
@@ -210,24 +213,39 @@ class KLMatching(Postprocessor):
 class ODIN(_LogitScore):
     """ODIN's temperature-scaled maximum softmax ``max_c softmax(x / T)_c`` (Liang et al., ICLR 2018).
 
-    Only the temperature part: ODIN's input perturbation (a gradient step on the input) needs the model,
-    so it is an extraction option that writes perturbed logits under the key ``odin_logits``; point
-    ``key`` at that feature to score them. With ``key="logits"`` this is ODIN with ``epsilon = 0``.
+    The input perturbation (a gradient step on the input) needs the model, so it happens at extraction: the
+    ``odin_logits`` producer writes the logits of the perturbed inputs, and with ``key="odin_logits"`` this
+    method scores them. The extraction is planned from the method's YAML: :meth:`extraction_params` hands
+    ``temperature`` and ``epsilon`` to that producer. With ``key="logits"`` this is ODIN with ``epsilon = 0``
+    (``epsilon`` is then unused).
 
     Args:
         temperature: ``T`` (paper: 1000).
         key: feature key of the ``[N, C]`` logits to read (``"logits"`` or ``"odin_logits"``).
+        epsilon: perturbation step size requested from the ``odin_logits`` producer (paper: 0.0014, in units
+            of the normalized model input); used only for the extraction request, never in the score.
     """
 
     name = "odin"
 
-    def __init__(self, temperature: float = 1000.0, key: str = "logits") -> None:
+    def __init__(self, temperature: float = 1000.0, key: str = "logits", epsilon: float = 0.0014) -> None:
         self.temperature = _positive(temperature, "ODIN temperature")
         if not isinstance(key, str) or not key:
             raise ValueError(f"ODIN key must be a feature name such as 'logits' or 'odin_logits', got {key!r}")
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not np.isfinite(epsilon) \
+                or epsilon < 0:
+            raise ValueError(f"ODIN epsilon must be a finite number >= 0, got {epsilon!r}")
         self.key = key
+        self.epsilon = float(epsilon)
         self.requires = (key,)
         self.feature_ndim = {key: 2}
+
+    def extraction_params(self) -> dict[str, dict]:
+        """``odin_logits`` carries this method's ``temperature`` and ``epsilon`` to its producer."""
+        params = super().extraction_params()
+        if self.key == ODIN_KEY:
+            params[ODIN_KEY] = {"temperature": self.temperature, "epsilon": self.epsilon}
+        return params
 
     def _score_block(self, x: np.ndarray) -> np.ndarray:
         return np.exp(log_softmax(x / self.temperature, axis=1).max(axis=1))

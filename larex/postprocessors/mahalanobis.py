@@ -1,7 +1,8 @@
 """Class-conditional Gaussian baselines on penultimate features: Mahalanobis (``mdist``), Relative
 Mahalanobis (``rmd``) and DDU's Gaussian discriminant analysis (``ddu``).
 
-All statistics come from the ID ``fit`` split and its labels; scores never read labels.
+All statistics come from the ID ``fit`` split and its labels (``fit_requires``); scores read only
+``penultimate`` (``requires``), so OOD splits need no labels.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ class Mahalanobis(Postprocessor):
     Fitted: ``means_`` [K, F], ``classes_`` [K], ``precision_`` [F, F].
     """
 
-    requires = ("penultimate", "labels")
+    requires = ("penultimate",)
+    fit_requires = ("penultimate", "labels")
     name = "mdist"
 
     def __init__(self) -> None:
@@ -144,7 +146,8 @@ class DDU(Postprocessor):
     Memory: K F^2 float64 values (e.g. 100 classes x 512 features = 210 MB).
     """
 
-    requires = ("penultimate", "labels")
+    requires = ("penultimate",)
+    fit_requires = ("penultimate", "labels")
     name = "ddu"
 
     def __init__(self, jitter: float | None = None, class_prior: str = "empirical") -> None:

@@ -31,8 +31,8 @@ class _MCScore(Postprocessor):
         if x.shape[1] < self.min_samples:
             raise ValueError(
                 f"{self.name} needs at least {self.min_samples} MC samples per input, but mc_logits has "
-                f"shape {x.shape} (S={x.shape[1]}); re-run larex-extract with at least {self.min_samples} "
-                "MC-dropout passes"
+                f"shape {x.shape} (S={x.shape[1]}); re-run the extraction with at least "
+                f"{self.min_samples} MC-dropout passes (hooked_layer.mc_samples)"
             )
 
     def _fit(self, arrays: dict[str, np.ndarray], val: dict[str, np.ndarray] | None) -> None:

@@ -1,9 +1,11 @@
 """NAC-UE: Neuron Activation Coverage for OOD detection (Liu et al., ICLR 2024).
 
-``larex-extract`` writes the raw neuron statistic ``nac.<layer>`` [N, D] = ``mean_spatial(z * dKL(u ||
-softmax)/dz)`` for every layer listed in ``extract.nac_layers`` (it needs a backward pass). This module turns
-it into the neuron states ``sigmoid(alpha * raw)`` (alpha per layer: given, or chosen from the fit split),
-builds the coverage histograms and scores.
+The NAC producer (:mod:`larex.extraction.producers.nac`) writes the raw neuron statistic ``nac.<layer>``
+[N, D] = ``mean_spatial(z * dKL(u || softmax)/dz)`` (it needs a backward pass) for every layer of this
+method's ``layers``: the method requires those keys, so the extraction plan derived from the selected methods
+requests them (the YAML sets ``layers: ${model.nac_layers}``, so they are named once, in the model config).
+This module turns it into the neuron states ``sigmoid(alpha * raw)`` (alpha per layer: given, or chosen from
+the fit split), builds the coverage histograms and scores.
 """
 from __future__ import annotations
 
@@ -83,8 +85,9 @@ class NACUE(Postprocessor):
     layer); this uses the ID fit split only, never OOD data.
 
     Args:
-        layers: layer paths whose ``nac.<layer>`` features are used; the same list must be given to
-            ``extract.nac_layers``.
+        layers: layer paths (dotted module names) whose ``nac.<layer>`` features are used; the method
+            requires ``nac.<layer>`` for each, so the extraction plan computes exactly these layers (the YAML
+            takes them from ``model.nac_layers``).
         alpha: sigmoid steepness: ``"auto"`` (above), a positive number, or one positive number per layer.
         bins: M, bins per neuron (one int, or one per layer). Default 50 (pytorch-ood).
         o_star: O*, the count that gives a bin full coverage (one int, or one per layer). Default 50
@@ -102,7 +105,7 @@ class NACUE(Postprocessor):
 
     name = "nac_ue"
 
-    def __init__(self, layers: Sequence[str] = ("block3",), alpha: str | float | Sequence[float] = "auto",
+    def __init__(self, layers: Sequence[str], alpha: str | float | Sequence[float] = "auto",
                  bins: int | Sequence[int] = 50, o_star: int | Sequence[int] = 50, valid_num: int | None = None,
                  seed: int = 0) -> None:
         if isinstance(layers, str):
@@ -133,19 +136,21 @@ class NACUE(Postprocessor):
         return self.o_star if isinstance(self.o_star, list) else [self.o_star] * len(self.layers)
 
     def check_features(self, feats: FeatureSet, *, split: str = "input",
-                       shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
-        """As :meth:`Postprocessor.check_features`; a missing ``nac.<layer>`` names the ``extract.nac_layers``
-        setting that produces it."""
+                       shapes: Mapping[str, tuple[int, ...]] | None = None,
+                       keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """As :meth:`Postprocessor.check_features`; a missing ``nac.<layer>`` says how the extraction
+        plan gets it (this method's ``layers``)."""
         if isinstance(feats, Mapping):
-            missing = [k for k in self.requires if k not in feats]
+            missing = [k for k in (self.requires if keys is None else keys) if k not in feats]
             if missing:
                 raise MissingFeatureError(
                     f"{self.name} needs feature(s) {missing} in the {split} split, which has {sorted(feats)}. "
-                    "NAC neuron statistics need a backward pass, so larex-extract writes them only for the "
-                    f"layers in extract.nac_layers: rerun larex-extract with extract.nac_layers="
-                    f"[{','.join(self.layers)}] (the same layers as {self.name}.layers)."
+                    "NAC neuron statistics need a backward pass, so the extraction computes them only for the "
+                    "layers that the selected methods request: the plan is derived from the methods' YAMLs, here "
+                    f"{self.name}.layers=[{','.join(self.layers)}] (default: model.nac_layers). Rerun the "
+                    f"extraction with {self.name} selected so that it writes them."
                 )
-        return super().check_features(feats, split=split, shapes=shapes)
+        return super().check_features(feats, split=split, shapes=shapes, keys=keys)
 
     def states(self, raw: np.ndarray, alpha: float) -> np.ndarray:
         """Neuron states ``sigmoid(alpha * raw)`` as float32, computed exactly as pytorch-ood does (float32
@@ -227,7 +232,7 @@ def _auto_alpha(raw: np.ndarray, layer: str) -> float:
     if scale < FLOAT32_TINY:  # then alpha would overflow float32
         raise ValueError(f"nac_ue: the NAC statistic of layer {layer!r} is zero for every fit sample and neuron "
                          f"(median non-zero |value| {scale:g}): the layer's gradients vanish, so alpha='auto' has "
-                         "no scale; choose another layer (nac_ue.layers and extract.nac_layers)")
+                         "no scale; choose another layer (nac_ue.layers, by default model.nac_layers)")
     return AUTO_LOGIT / scale
 
 

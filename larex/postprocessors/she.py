@@ -11,11 +11,13 @@ class SHE(Postprocessor):
     """Simplified Hopfield Energy: ``score(x) = <x, m_yhat>``, yhat = argmax logits(x) and m_c the mean
     penultimate feature of the fit samples of class c that the model classifies correctly (the stored
     pattern). A class with no correctly classified fit sample falls back to the mean of all its fit samples.
+Labels are read only to fit; scoring reads ``penultimate`` and ``logits``.
 
     Fitted: ``patterns_`` [C, F].
     """
 
-    requires = ("penultimate", "logits", "labels")
+    requires = ("penultimate", "logits")
+    fit_requires = ("penultimate", "logits", "labels")
     name = "she"
 
     def __init__(self) -> None:

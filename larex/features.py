@@ -1,0 +1,156 @@
+"""The feature registry: every feature key a split can hold, declared once.
+
+A split's features are a mapping key -> array (see ``../shared/DESIGN.md``, "Data contract"). Each key has
+a **row axis** (what one row is: an ``image``, a ``box``, a ``pixel``, a ``token``, or ``model`` for arrays
+stored once per model such as the head weights), a **rank** (number of dimensions, row axis included) and a
+**producer** (the extraction producer class, or the stage, that writes it). Rows of a secondary axis
+(``box``, ``pixel``, ``token``) carry the index of the ``image`` row they belong to in their axis's
+**link key** (``image_index`` for boxes), so one split can hold image rows and box rows side by side.
+
+Families: a key ending in ``.`` (e.g. ``nac.``) declares every key with that prefix (``nac.block3``).
+
+Adding a feature = :func:`register` one :class:`FeatureSpec` in the module that produces it (a producer
+module, or a baseline module that brings its own producer); nothing else lists keys.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+AXES = ("image", "box", "pixel", "token", "model")
+"""Row axes. ``image`` is the primary axis (shards split by image rows); ``model`` arrays have no rows."""
+
+PRIMARY_AXIS = "image"
+
+LINK_KEYS: dict[str, str] = {"box": "image_index", "pixel": "image_index", "token": "image_index"}
+"""Secondary axis -> key holding each row's (global) image row index."""
+
+
+class UnknownFeatureError(KeyError):
+    """A feature key that no module registered."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One feature key (or key family, when ``name`` ends with ``.``).
+
+    Attributes:
+        name: the key, e.g. ``"latent"``, or a family prefix ``"nac."``.
+        axis: row axis, one of :data:`AXES`.
+        rank: number of array dimensions including the row axis (for ``model`` keys: the array's ndim).
+        producer: dotted path of the producer class that writes it, or ``"stage:<name>"`` for a stage.
+        doc: one line: what the array holds (shown in error messages).
+        tasks: names of the tasks whose models have this output (``None`` = any task, e.g. a hooked layer's
+            activations); the plan checks it against the run's task before any compute.
+    """
+
+    name: str
+    axis: str
+    rank: int
+    producer: str
+    doc: str
+    tasks: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.axis not in AXES:
+            raise ValueError(f"feature {self.name!r}: axis {self.axis!r} is not one of {AXES}")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"feature {self.name!r}: rank must be a positive integer, got {self.rank!r}")
+
+    @property
+    def family(self) -> bool:
+        return self.name.endswith(".")
+
+
+_REGISTRY: dict[str, FeatureSpec] = {}
+
+
+def register(spec: FeatureSpec, *, replace: bool = False) -> FeatureSpec:
+    """Declare a key (idempotent for an identical spec; a different spec for a known key needs ``replace``)."""
+    old = _REGISTRY.get(spec.name)
+    if old is not None and old != spec and not replace:
+        raise ValueError(f"feature {spec.name!r} is already registered as {old}; choose another key name")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def registered() -> dict[str, FeatureSpec]:
+    """A copy of the registry: key (or family prefix) -> spec."""
+    return dict(_REGISTRY)
+
+
+def lookup(key: str) -> FeatureSpec | None:
+    """The spec of ``key`` (exact key first, then the longest matching family prefix), or None."""
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    best = None
+    for name, spec in _REGISTRY.items():
+        if spec.family and key.startswith(name) and len(key) > len(name):
+            if best is None or len(name) > len(best.name):
+                best = spec
+    return best
+
+
+def spec(key: str) -> FeatureSpec:
+    """The spec of ``key``; :class:`UnknownFeatureError` listing close names when nobody registered it."""
+    found = lookup(key)
+    if found is None:
+        close = difflib.get_close_matches(key, list(_REGISTRY), n=5, cutoff=0.5)
+        raise UnknownFeatureError(
+            f"unknown feature key {key!r}: no module registers it"
+            + (f"; close keys: {close}" if close else f"; known keys: {sorted(_REGISTRY)}")
+            + ". A new key is declared with larex.features.register(FeatureSpec(...)) in the module that produces it")
+    return found
+
+
+def axis(key: str) -> str:
+    return spec(key).axis
+
+
+def rank(key: str) -> int:
+    return spec(key).rank
+
+
+def is_model_key(key: str) -> bool:
+    """True for arrays stored once per model (no row axis), e.g. ``head.weight``."""
+    found = lookup(key)
+    return found is not None and found.axis == "model"
+
+
+def producer_hint(key: str) -> str:
+    """Who writes ``key``, for error messages."""
+    found = lookup(key)
+    if found is None:
+        return "no larex module registers it; check the key spelling"
+    who = found.producer[len("stage:"):] + " stage" if found.producer.startswith("stage:") \
+        else f"producer {found.producer.rsplit('.', 1)[-1]}"
+    return f"{found.doc} (written by the {who})"
+
+
+# --------------------------------------------------------------------------------------------------
+# built-in keys (classification core; detection, segmentation and LLM tasks register theirs)
+# --------------------------------------------------------------------------------------------------
+_P = "larex.extraction.producers"
+_CLS = ("classification",)
+for _spec in (
+    FeatureSpec("latent", "image", 3, f"{_P}.monte_carlo.MonteCarlo",
+                "hooked-layer activations of the S MC passes [N, S, D]"),
+    FeatureSpec("mc_logits", "image", 3, f"{_P}.monte_carlo.MonteCarlo", "logits of the S MC passes [N, S, C]",
+                _CLS),
+    FeatureSpec("logits", "image", 2, f"{_P}.deterministic.Deterministic", "deterministic (eval-mode) logits [N, C]",
+                _CLS),
+    FeatureSpec("penultimate", "image", 2, f"{_P}.deterministic.Deterministic",
+                "input of the final linear layer [N, F]", _CLS),
+    FeatureSpec("labels", "image", 1, f"{_P}.labels.Labels", "ID class labels [N] (-1 for OOD / unknown)", _CLS),
+    FeatureSpec("nac.", "image", 2, f"{_P}.nac.NAC", "raw NAC neuron statistics of layer <path> [N, D_layer]", _CLS),
+    FeatureSpec("odin_logits", "image", 2, f"{_P}.odin.ODIN", "logits of ODIN-perturbed inputs [N, C]", _CLS),
+    FeatureSpec("head.weight", "model", 2, f"{_P}.head.Head", "final linear layer weight [C, F]", _CLS),
+    FeatureSpec("head.bias", "model", 1, f"{_P}.head.Head", "final linear layer bias [C]", _CLS),
+    FeatureSpec("entropy", "image", 2, "stage:aggregate", "LaREx entropy of latent over the S samples [N, D]"),
+    FeatureSpec("image_index", "box", 1, "stage:extract", "image row of each box row [M]"),
+):
+    register(_spec)
+del _spec, _CLS
