@@ -177,11 +177,6 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_dir(root: str | Path, task: str, dataset: str, model: str, hooked_layer: str) -> Path:
-    """``<root>/<task>/<dataset>/<model>/<hooked_layer>`` (DESIGN.md output layout)."""
-    return Path(root) / task / dataset / model / hooked_layer
-
-
 def split_dirname(split: str) -> str:
     """Split names such as ``ood/digits`` map to nested folders ``ood/digits``."""
     parts = split.split("/")

@@ -88,22 +88,11 @@ def test_default_ood_names_exist():
             assert name in options("ood"), f"dataset {ds}: default_ood {name} has no configs/ood/{name}.yaml"
 
 
-def test_methods_needing_unextracted_features_fail_before_compute():
-    from larex.stages.common import ConfigError
-    from larex.stages.evaluate import check_requirements
+def test_demo_experiment_selects_every_baseline_and_plans_their_features():
+    from larex.stages.common import prepare
 
-    with pytest.raises(ConfigError, match=r"nac_ue.*extract\.nac_layers=\[block3\]"):
-        check_requirements(compose("run", overrides=["baselines=[msp,nac_ue]"]))
-    with pytest.raises(ConfigError, match=r"msp.*'logits'.*extract\.features"):
-        check_requirements(compose("run", overrides=["baselines=[msp]", "extract.features=[latent,labels]"]))
-    check_requirements(compose("run", overrides=["baselines=all", "extract.nac_layers=[block3]",
-                                                 "extract.odin={temperature:1000,epsilon:0.0014}"]))
-
-
-def test_demo_experiment_selects_every_baseline_and_their_features():
-    from larex.stages.evaluate import check_requirements, postprocessor_specs
-
-    cfg = compose("run", overrides=["experiment=fmnist_demo"])
-    names = set(postprocessor_specs(cfg))
+    run = prepare(compose("run", overrides=["experiment=fmnist_demo"]))
+    names = set(run.methods)
     assert {"lared", "larem", "msp", "vim", "knn", "nac_ue", "mcd_mi"} <= names and len(names) >= 12
-    check_requirements(cfg)
+    assert {"latent", "mc_logits", "logits", "penultimate", "labels", "nac.block3", "odin_logits",
+            "head.weight", "head.bias"} == set(run.plan.parts)

@@ -5,9 +5,11 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="pkg://larex.configs", config_name="run")
 def main(cfg: DictConfig) -> None:
+    from larex.cli._errors import user_errors
     from larex.stages import run
 
-    run.run(cfg)
+    with user_errors("larex-run"):
+        run.run(cfg)
 
 
 if __name__ == "__main__":

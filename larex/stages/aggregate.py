@@ -1,76 +1,83 @@
-"""Aggregate stage: LaREx entropy of each split's MC latent samples.
+"""Aggregate stage: the Task's aggregation steps per split (classification: LaREx entropy of the MC latents).
 
-Input: ``extract/<split>`` shards with ``latent`` [N, S, D]. Output: ``aggregate/<split>.safetensors`` with
-``entropy`` [N, D] (float64), ``labels`` [N] when extracted, and the config hash in the file's metadata.
-Shards are processed one at a time, so memory is bounded by the shard size.
+Input: the extracted parts holding the steps' inputs (``latent`` [N, S, D]). Output:
+``aggregate-<hash>/<split>.safetensors`` with each step's output (``entropy`` [N, D], float64) and the config hash
+in the file's metadata. Shards are processed one at a time, so memory is bounded by the shard size. A corrupt
+input shard fails with the file named and the command that repairs it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from rich.progress import Progress
 from safetensors import safe_open
 
 from larex import io
-from larex.entropy import knn_entropy
+from larex.layout import claim
 from larex.stages import common
-from larex.stages.extract import extract_dir
-
-
-def aggregate_dir(cfg: DictConfig) -> Path:
-    return common.run_dir(cfg) / "aggregate"
-
-
-def aggregate_path(cfg: DictConfig, split: str) -> Path:
-    return aggregate_dir(cfg) / f"{split}.safetensors"
 
 
 def is_current(path: Path, cfg_hash: str) -> bool:
     if not path.is_file():
         return False
-    with safe_open(str(path), framework="numpy") as f:
-        return (f.metadata() or {}).get("config_hash") == cfg_hash
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return (f.metadata() or {}).get("config_hash") == cfg_hash
+    except Exception:  # noqa: BLE001 - a truncated or unreadable file is not current: recompute it
+        return False
 
 
-def split_entropy(directory: Path, k: int | None, min_dist: float, device: torch.device) -> dict[str, np.ndarray]:
-    """Entropy of every shard of one extracted split, concatenated."""
-    m = io.read_manifest(directory) or {}
-    keys = ["latent"] + (["labels"] if "labels" in m.get("keys", {}) else [])
-    ent, labels = [], []
-    for shard in io.iter_shards(directory, keys):
-        lat = torch.from_numpy(shard["latent"]).to(device=device, dtype=torch.float64)
-        ent.append(knn_entropy(lat, k=k, min_dist=min_dist).cpu().numpy())
-        if "labels" in shard:
-            labels.append(shard["labels"])
-    d = int(m["keys"]["latent"]["shape"][2]) if ent == [] else ent[0].shape[1]
-    out = {"entropy": np.concatenate(ent) if ent else np.zeros((0, d))}
-    if labels:
-        out["labels"] = np.concatenate(labels)
-    return out
+def split_outputs(run: common.Run, split: str, steps) -> dict[str, np.ndarray]:
+    """Every step's output for one split, shard by shard, concatenated."""
+    layout = run.layout
+    out: dict[str, list[np.ndarray]] = {}
+    for step in steps:
+        parts = {layout.parts[k] for k in step.inputs}
+        if len(parts) != 1:
+            raise RuntimeError(f"aggregation step {step.output}: inputs {step.inputs} come from several parts {parts}")
+        directory = layout.part_dir(split, parts.pop())
+        for shard in io.iter_shards(directory, list(step.inputs)):
+            out.setdefault(step.output, []).append(np.asarray(step.fn(shard)))
+        if step.output not in out:  # an empty split
+            m = io.read_manifest(directory) or {}
+            d = (m.get("keys", {}).get(step.inputs[0], {}).get("shape") or [0, 0, 0])[-1]
+            out[step.output] = [np.zeros((0, d))]
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def run(cfg: DictConfig, splits: list[str] | None = None) -> Path:
-    splits = splits or common.all_splits(cfg)
-    src, out = extract_dir(cfg), aggregate_dir(cfg)
-    device = common.resolve_device(cfg.aggregate.device)
-    todo = [s for s in splits if cfg.force or not is_current(aggregate_path(cfg, s), common.aggregate_hash(cfg, s))]
+def run(cfg: DictConfig, run: common.Run | None = None, splits: list[str] | None = None) -> Path:
+    run = run or common.prepare(cfg)
+    layout = run.layout
+    needed = run.derived_needed()
+    if not needed:
+        common.log("aggregate", "nothing to aggregate: no selected method reads an aggregated feature")
+        return layout.aggregate_dir
+    steps = [s for s in run.task.aggregation_steps(common.aggregate_params(cfg)) if s.output in needed]
+    splits = splits or run.splits
+    todo = [s for s in splits if cfg.force or not is_current(layout.aggregate_file(s), run.aggregate_split_hash(s))]
     if not todo:
-        common.log("aggregate", f"up to date: {out}")
-        return out
+        common.log("aggregate", f"up to date: {layout.aggregate_dir}")
+        return layout.aggregate_dir
     for s in todo:
-        if not io.is_complete(src / s, common.extract_hash(cfg, s)):
-            raise FileNotFoundError(f"features of split {s} at {src / s} are missing, incomplete or from another "
-                                    "config: run larex-extract with the same overrides first")
-    k = cfg.aggregate.k
+        for step in steps:
+            for k in step.inputs:
+                part = layout.parts[k]
+                if not io.is_complete(layout.part_dir(s, part), run.part_hash(s, part)):
+                    raise FileNotFoundError(f"features {k!r} of split {s}: {common.part_problem(layout.part_dir(s, part))}"
+                                            "; run larex-extract with the same overrides first (it recomputes only "
+                                            "what is missing or corrupt)")
     with Progress(console=common.console, disable=not cfg.progress, transient=True) as progress:
-        task = progress.add_task("[aggregate] LaREx entropy", total=len(todo))
+        bar = progress.add_task(f"[aggregate] {', '.join(s.output for s in steps)}", total=len(todo))
         for s in todo:
-            feats = split_entropy(src / s, None if k is None else int(k), float(cfg.aggregate.min_dist), device)
-            io.save_arrays(aggregate_path(cfg, s), feats, metadata={"config_hash": common.aggregate_hash(cfg, s),
-                                                                   "split": s})
-            progress.advance(task)
-    common.log("aggregate", f"entropy of {', '.join(todo)} -> {out}")
-    return out
+            path = layout.aggregate_file(s)
+            with claim(path, "larex-aggregate"):
+                if cfg.force or not is_current(path, run.aggregate_split_hash(s)):
+                    io.save_arrays(path, split_outputs(run, s, steps),
+                                   metadata={"config_hash": run.aggregate_split_hash(s), "split": s})
+            progress.advance(bar)
+    layout.record("aggregate", layout.aggregate_dir, layout.aggregate_hash,
+                  {"overrides": common.overrides()})
+    common.log("aggregate", f"{', '.join(s.output for s in steps)} of {', '.join(todo)} -> {layout.aggregate_dir}")
+    return layout.aggregate_dir

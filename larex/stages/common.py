@@ -1,4 +1,5 @@
-"""Helpers shared by the stages: output layout, config hashes, datasets per split, device, console.
+"""Helpers shared by the stages: the run (task, methods, extraction plan, layout, hashes), datasets per split,
+device, console.
 
 This is the only layer (with the stage modules) that reads Hydra/OmegaConf configs; everything it hands
 down to ``data``, ``models``, ``extraction`` and ``postprocessors`` is plain Python objects.
@@ -9,6 +10,8 @@ import importlib.resources
 import logging
 import random
 from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -89,20 +92,14 @@ def sweep_info() -> dict[str, str] | None:
             "overrides": " ".join(hc.overrides.task)}
 
 
-# ---------------------------------------------------------------------------------------------------
-# layout
-# ---------------------------------------------------------------------------------------------------
-def output_root(cfg: DictConfig) -> Path:
-    return Path(str(cfg.output_root)).expanduser().resolve()
+def overrides() -> str:
+    """The command-line overrides of this Hydra job (``""`` when not launched by Hydra), for the output index."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
 
-
-def model_dir(cfg: DictConfig) -> Path:
-    """``<root>/<task>/<dataset>/<model>``: the trained checkpoint lives here (shared by hooked layers)."""
-    return output_root(cfg) / cfg.task.name / cfg.dataset.name / cfg.model.name
-
-
-def run_dir(cfg: DictConfig) -> Path:
-    return io.run_dir(output_root(cfg), cfg.task.name, cfg.dataset.name, cfg.model.name, cfg.hooked_layer.name)
+        return " ".join(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -157,9 +154,9 @@ def split_limit(cfg: DictConfig, split: str, stage: str = "extract") -> int | No
     return limits.get(key)
 
 
-def build_dataset(cfg: DictConfig, split: str, stage: str = "extract"):
-    """Instantiate a split's dataset, subsample it (``limit``) and convert it to the model's input format."""
-    from larex.data.base import ModelInput, Subsample
+def build_dataset(cfg: DictConfig, split: str, stage: str = "extract", task=None):
+    """Instantiate a split's dataset, subsample it (``limit``) and let the Task turn it into model inputs."""
+    from larex.data.base import Subsample
 
     spec = split_spec(cfg, split)
     try:
@@ -174,42 +171,202 @@ def build_dataset(cfg: DictConfig, split: str, stage: str = "extract"):
     limit = split_limit(cfg, split, stage)
     if limit is not None:
         ds = Subsample(ds, int(limit), seed=int(cfg.seed))
+    task = task if task is not None else build_task(cfg)
+    return task.input_dataset(ds, input_spec(cfg))
+
+
+def input_spec(cfg: DictConfig) -> dict:
+    """What the Task's input transform reads from the ID dataset config (channels, size, normalization)."""
     d = cfg.dataset
-    return ModelInput(ds, channels=int(d.channels), image_size=int(d.image_size),
-                      mean=list(d.mean), std=list(d.std))
+    spec = {"channels": d.channels, "image_size": plain(d.image_size), "mean": plain(d.mean), "std": plain(d.std)}
+    if d.get("resize") is not None:
+        spec["resize"] = d.resize
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------------
-# config hashes (what each stage's outputs depend on)
+# the run: task, methods, extraction plan and layout, built once and handed to every stage
 # ---------------------------------------------------------------------------------------------------
+def build_task(cfg: DictConfig):
+    from larex.tasks.base import Task
+
+    node = cfg.task
+    if "_target_" not in node:
+        raise ConfigError(f"task config {node.get('name')!r} has no _target_; configs/task/<name>.yaml must name "
+                          "a larex.tasks.base.Task subclass, e.g. _target_: larex.tasks.classification.Classification")
+    task = instantiate(node)
+    if not isinstance(task, Task):
+        raise ConfigError(f"task._target_={node._target_} is not a larex.tasks.base.Task")
+    return task
+
+
+def baseline_specs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The selected baselines; ``baselines=all`` expands to every packaged ``configs/baselines/*.yaml``.
+
+    Expanded options are merged into ``cfg.baselines`` so their interpolations (``${model.nac_layers}``)
+    resolve against the run's config, as a hand-selected option's do."""
+    node = cfg.get("baselines") or {}
+    if "all" in node:
+        with open_dict(cfg):
+            for name in packaged_options("baselines"):
+                if name != "all" and name not in node:
+                    cfg.baselines[name] = load_packaged_option("baselines", name)
+            del cfg.baselines["all"]
+        node = cfg.baselines
+    return {name: spec for name, spec in node.items()}
+
+
+def method_specs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """Every selected method (``postprocessor`` + ``baselines``) by name."""
+    specs: dict[str, DictConfig] = {}
+    for node in (cfg.get("postprocessor") or {}, baseline_specs(cfg)):
+        for name, spec in node.items():
+            if name in specs:
+                raise ConfigError(f"method {name!r} is selected twice (postprocessor and baselines)")
+            specs[name] = spec
+    return specs
+
+
+def fit_keys(pp) -> tuple[str, ...]:
+    return tuple(getattr(pp, "fit_requires", None) or pp.requires)
+
+
+def method_requests(methods: Mapping[str, Any]) -> dict[str, list[dict]]:
+    """Feature key -> the producer parameters each method attaches to it (fit and score needs together)."""
+    out: dict[str, list[dict]] = {}
+    for pp in methods.values():
+        params = pp.extraction_params() if hasattr(pp, "extraction_params") else {}
+        for key in dict.fromkeys((*fit_keys(pp), *pp.requires)):
+            out.setdefault(key, []).append(dict(params.get(key) or {}))
+    return out
+
+
+def producer_context(cfg: DictConfig) -> dict:
+    """The plain values producers take from the run (``Producer.from_plan``)."""
+    ex = plain(cfg.extract)
+    return {"seed": int(cfg.seed), "hooked_layer": plain(cfg.hooked_layer), "head": cfg.model.get("head"),
+            "extract": {"mc_batch": ex.get("mc_batch")}}
+
+
+def aggregate_params(cfg: DictConfig) -> dict:
+    return {"k": cfg.aggregate.k, "min_dist": float(cfg.aggregate.min_dist),
+            "device": str(resolve_device(str(cfg.aggregate.device)))}
+
+
 def _dataset_identity(cfg: DictConfig) -> dict:
     d = plain(cfg.dataset)
     d.pop("default_ood", None)
     return d
 
 
-def common_limits(node) -> dict:
-    return {k: node.get(k) for k in ("fit", "val")}
-
-
 def train_hash(cfg: DictConfig) -> str:
     return io.config_hash({
         "task": plain(cfg.task), "dataset": _dataset_identity(cfg), "model": plain(cfg.model),
-        "seed": cfg.seed, "limit": common_limits(cfg.train.limit),
+        "seed": cfg.seed, "limit": {k: cfg.train.limit.get(k) for k in ("fit", "val")},
         "checkpoint": cfg.train.checkpoint,
     })
 
 
-def extract_hash(cfg: DictConfig, split: str) -> str:
-    ex = plain(cfg.extract)
-    ex.pop("num_workers", None)
-    return io.config_hash({
-        "train": train_hash(cfg), "hooked_layer": plain(cfg.hooked_layer), "extract": ex,
-        "split": plain(split_spec(cfg, split)), "limit": split_limit(cfg, split), "seed": cfg.seed,
-        "image": [cfg.dataset.channels, cfg.dataset.image_size, plain(cfg.dataset.mean), plain(cfg.dataset.std)],
+def split_hash(cfg: DictConfig, split: str) -> str:
+    """What fixes a split's rows: its dataset spec and limit (with the extraction's hash, the part hashes)."""
+    return io.config_hash({"split": plain(split_spec(cfg, split)), "limit": split_limit(cfg, split)})
+
+
+def extract_hash(cfg: DictConfig) -> str:
+    """Everything that fixes the model and the rows: trained weights, ID data, limits, seed, input transform.
+
+    Producer parameters are not in it: each producer part has its own hash, so runs needing other features
+    add parts beside the shared ones."""
+    weights = {"given": str(cfg.train.checkpoint)} if cfg.train.get("checkpoint") else {"train": train_hash(cfg)}
+    return io.config_hash({"model": weights, "task": plain(cfg.task), "dataset": _dataset_identity(cfg),
+                           "limit": plain(cfg.limit), "seed": cfg.seed, "input": input_spec(cfg)})
+
+
+@dataclass
+class Run:
+    """Built once per run (:func:`prepare`) and handed to every stage."""
+
+    cfg: DictConfig
+    task: Any
+    specs: dict[str, DictConfig]
+    methods: dict[str, Any]
+    plan: Any
+    layout: Any
+    splits: list[str]
+
+    def part_hash(self, split: str, part: str) -> str:
+        """Config hash recorded in a part's manifest: the part (producer + parameters) and the split's rows."""
+        return io.config_hash({"extract": self.layout.extract_hash, "part": part,
+                               "split": split_hash(self.cfg, split)})
+
+    def aggregate_split_hash(self, split: str) -> str:
+        return io.config_hash({"aggregate": self.layout.aggregate_hash, "split": split_hash(self.cfg, split)})
+
+    @property
+    def uses_aggregate(self) -> bool:
+        return bool(self.derived_needed())
+
+    def derived_needed(self) -> list[str]:
+        derived = self.task.derived_keys()
+        return [k for k in dict.fromkeys(k for pp in self.methods.values() for k in (*fit_keys(pp), *pp.requires))
+                if k in derived]
+
+    def method_hash(self, name: str) -> str:
+        """What a method's scores depend on: its config and every input it reads, for every split."""
+        pp = self.methods[name]
+        keys = sorted(set(fit_keys(pp)) | set(pp.requires))
+        derived = self.task.derived_keys()
+        inputs = {k: (self.layout.aggregate_hash if k in derived else self.plan.parts.get(k)) for k in keys}
+        return io.config_hash({"method": plain(self.specs[name]), "extract": self.layout.extract_hash,
+                               "inputs": inputs, "splits": {s: split_hash(self.cfg, s) for s in self.splits}})
+
+
+def prepare(cfg: DictConfig) -> Run:
+    """Validate the config and build the run: task, methods, extraction plan and output layout.
+
+    Every config error (unknown method key, a feature no producer writes, a feature the task cannot produce)
+    fails here, before any compute."""
+    from larex.extraction.plan import plan_extraction
+    from larex.layout import Layout
+
+    ensure_ood(cfg)
+    task = build_task(cfg)
+    specs = method_specs(cfg)
+    methods = {name: instantiate(spec) for name, spec in specs.items()}
+    requests = method_requests(methods)
+    derived = task.derived_keys()
+    task.check_keys(list(requests))
+    try:
+        plan = plan_extraction(requests, producer_context(cfg), derived=derived)
+    except (KeyError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    task.check_keys(list(plan.parts))
+    splits = all_splits(cfg)
+    ex_hash = extract_hash(cfg)
+    latent_parts = sorted({plan.parts[i] for k in derived if k in requests for i in derived[k] if i in plan.parts})
+    agg_hash = io.config_hash({"extract": ex_hash, "inputs": latent_parts,
+                               "steps": [dict(s.identity) for s in task.aggregation_steps(aggregate_params(cfg))]})
+    run = Run(cfg, task, specs, methods, plan, None, splits)
+    eval_hash = io.config_hash({
+        "methods": {n: plain(s) for n, s in specs.items()}, "extract": ex_hash, "aggregate": agg_hash,
+        "parts": dict(sorted(plan.parts.items())), "splits": {s: split_hash(cfg, s) for s in splits},
+        "evaluate": plain(cfg.evaluate), "tracking": plain(cfg.tracking),
     })
+    run.layout = Layout(output_root(cfg), str(cfg.task.name), str(cfg.dataset.name), str(cfg.model.name),
+                        str(cfg.hooked_layer.name), train_hash(cfg), ex_hash, agg_hash, eval_hash, dict(plan.parts))
+    return run
 
 
-def aggregate_hash(cfg: DictConfig, split: str) -> str:
-    return io.config_hash({"extract": extract_hash(cfg, split), "k": cfg.aggregate.k,
-                           "min_dist": cfg.aggregate.min_dist})
+def part_problem(directory: Path) -> str:
+    """What is wrong with an extracted part, naming the bad shard files (for error messages)."""
+    m = io.read_manifest(directory)
+    if m is None:
+        return f"not extracted yet ({directory} has no manifest)"
+    bad = io.verify_split(directory)
+    if bad:
+        return f"corrupt or missing shard(s) {', '.join(str(directory / b) for b in bad)}"
+    return f"{directory} is incomplete or from another config"
+
+
+def output_root(cfg: DictConfig) -> Path:
+    return Path(str(cfg.output_root)).expanduser().resolve()

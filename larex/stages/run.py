@@ -1,5 +1,5 @@
-"""Run stage: train -> extract -> aggregate -> evaluate, each skipped when its outputs are complete and its
-config hash is unchanged (``force=true`` reruns everything). Prints the time each stage took."""
+"""Run stage: train -> extract -> aggregate -> evaluate on one run context (task, methods, plan and layout built
+once), each stage skipped when its outputs are complete (``force=true`` reruns everything). Prints stage times."""
 from __future__ import annotations
 
 import time
@@ -12,15 +12,14 @@ from larex.stages import aggregate, common, evaluate, extract, train
 
 
 def run(cfg: DictConfig) -> pd.DataFrame:
-    common.ensure_ood(cfg)
-    evaluate.check_requirements(cfg)  # config errors before any compute
-    extract.check_layers(cfg)
+    ctx = evaluate.check_requirements(cfg)  # config errors before any compute
+    extract.check_layers(cfg, ctx)
     timings: dict[str, float] = {}
     result = None
     for name, stage in (("train", train.run), ("extract", extract.run), ("aggregate", aggregate.run),
                         ("evaluate", evaluate.run)):
         t0 = time.perf_counter()
-        result = stage(cfg)
+        result = stage(cfg, ctx)
         timings[name] = time.perf_counter() - t0
     t = Table(title="stage times")
     t.add_column("stage")

@@ -1,7 +1,9 @@
 """Train stage: fit the classifier on the ID ``fit`` split (Lightning), save weights as safetensors.
 
-Output: ``<root>/<task>/<dataset>/<model>/checkpoint/model.safetensors`` + ``manifest.json``. Skipped when
-the manifest is complete with the same config hash, or when ``train.checkpoint`` points at given weights.
+Output: ``<root>/<task>/<dataset>/<model>/checkpoint-<hash>/model.safetensors`` + ``manifest.json`` (the folder is
+keyed by the training config's hash, so sweeps over model settings keep every model). Skipped when the manifest is
+complete, or when ``train.checkpoint`` points at given weights. Two jobs that need the same model train it once
+(a claim lock; the second waits and reuses it).
 """
 from __future__ import annotations
 
@@ -20,7 +22,11 @@ CHECKPOINT = "model.safetensors"
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:
-    return common.model_dir(cfg) / "checkpoint"
+    from larex.layout import Layout
+
+    h = common.train_hash(cfg)
+    return Layout(common.output_root(cfg), str(cfg.task.name), str(cfg.dataset.name), str(cfg.model.name),
+                  str(cfg.hooked_layer.name), h, "", "", "").checkpoint_dir
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
@@ -45,20 +51,35 @@ def load_model(cfg: DictConfig) -> torch.nn.Module:
     return model.eval()
 
 
-def run(cfg: DictConfig) -> Path:
-    from larex.models.classifier import LitClassifier, accuracy
+def run(cfg: DictConfig, run=None) -> Path:
+    from larex.layout import claim
 
     common.quiet_lightning()
     if cfg.train.get("checkpoint"):
         load_model(cfg)  # validates the given weights early
         common.log("train", f"using given weights {cfg.train.checkpoint}")
         return Path(str(cfg.train.checkpoint))
+    run = run or common.prepare(cfg)
     out = checkpoint_dir(cfg)
     h = common.train_hash(cfg)
     if io.is_complete(out, h) and not cfg.force:
-        m = io.read_manifest(out)
-        common.log("train", f"up to date: {out} (val acc {m.get('val_accuracy', float('nan')):.4f})")
-        return out / CHECKPOINT
+        return _up_to_date(out)
+    with claim(out, "larex-train", on_wait=lambda who: common.log("train", f"waiting for {who} to train {out}")):
+        if io.is_complete(out, h) and not cfg.force:  # another job trained it while we waited
+            return _up_to_date(out)
+        path = _train(cfg, out, h)
+    run.layout.record("train", out, h, {"overrides": common.overrides()})
+    return path
+
+
+def _up_to_date(out: Path) -> Path:
+    m = io.read_manifest(out)
+    common.log("train", f"up to date: {out} (val acc {m.get('val_accuracy', float('nan')):.4f})")
+    return out / CHECKPOINT
+
+
+def _train(cfg: DictConfig, out: Path, h: str) -> Path:
+    from larex.models.classifier import LitClassifier, accuracy
     common.seed_everything(int(cfg.seed))
     device = common.resolve_device(cfg.device)
     tcfg = cfg.model.train

@@ -1,0 +1,1 @@
+"""What a person reads: metric tables (Rich, Markdown) and plots (PNG)."""

@@ -1,0 +1,1 @@
+"""Tasks: what differs between classification, detection, segmentation and LLMs (``configs/task/<name>.yaml``)."""

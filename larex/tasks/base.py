@@ -1,0 +1,80 @@
+"""The Task contract: everything that differs per task, so that stages never branch on the task name.
+
+A Task owns
+* the input pipeline: :meth:`Task.input_dataset` (transform a split's raw dataset into model inputs) and
+  :meth:`Task.collate` (batch them);
+* which model outputs exist: every registry key names the tasks whose models have it (``FeatureSpec.tasks``;
+  ``None`` = any task, e.g. a hooked layer's activations); the plan is checked against the task before any
+  compute (:meth:`Task.check_keys`);
+* the aggregation steps (:meth:`Task.aggregation_steps`): stage-written keys computed from extracted ones
+  (LaREx ``entropy`` from ``latent``; detection adds box -> image steps);
+* task summary metrics (:meth:`Task.summary_metrics`; classification: accuracy), reported beside the OOD metrics.
+
+Tasks are plain objects built by Hydra from ``configs/task/<name>.yaml`` (``_target_``); no Hydra, I/O or MLflow
+inside. The stages hand them plain values.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from larex import features
+
+
+@dataclass(frozen=True)
+class AggregationStep:
+    """``output`` = ``fn({input: array})`` per shard of one split (rows of ``output`` follow the inputs')."""
+
+    output: str
+    inputs: tuple[str, ...]
+    fn: Callable[[Mapping[str, np.ndarray]], np.ndarray]
+    identity: Mapping[str, Any]
+
+
+class Task:
+    """Base class; subclasses set ``name`` and ``feature_keys`` and implement what differs."""
+
+    name: str = "task"
+
+    def __init__(self, name: str | None = None):
+        if name is not None:
+            self.name = name
+
+    # ------------------------------------------------------------------ inputs
+    def input_dataset(self, dataset, input_spec: Mapping[str, Any]):
+        """Wrap a split's raw dataset so it yields model inputs ``(x, target, index)``."""
+        raise NotImplementedError
+
+    def collate(self, items: Sequence[Any]) -> Any:
+        return torch.utils.data.default_collate(list(items))
+
+    # ------------------------------------------------------------------ features
+    def can_produce(self, key: str) -> bool:
+        spec = features.spec(key)
+        return spec.tasks is None or self.name in spec.tasks
+
+    def check_keys(self, keys: Sequence[str]) -> None:
+        bad = {k: features.spec(k).tasks for k in keys if not self.can_produce(k)}
+        if bad:
+            raise ValueError(f"task {self.name!r} has no feature(s) {sorted(bad)} (those belong to the tasks "
+                             f"{sorted({t for ts in bad.values() for t in ts})}); select methods this task supports")
+
+    def aggregation_steps(self, params: Mapping[str, Any]) -> list[AggregationStep]:
+        return []
+
+    def derived_keys(self) -> dict[str, tuple[str, ...]]:
+        """Stage-written key -> the extracted keys it is computed from (for the extraction plan)."""
+        return {s.output: s.inputs for s in self.aggregation_steps({})}
+
+    # ------------------------------------------------------------------ metrics
+    summary_requires: tuple[str, ...] = ()
+
+    def summary_metrics(self, feats: Mapping[str, np.ndarray]) -> dict[str, float]:
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
