@@ -44,6 +44,18 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock beside a ``sqlite:///`` store (no-op for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from larex.layout import claim
+
+    with claim(Path(uri[len("sqlite:///"):]), "mlflow store"):
+        yield
+
+
 class Tracker:
     """A thin wrapper over one MLflow run: params, metrics, artifacts."""
 
@@ -57,13 +69,16 @@ class Tracker:
         if uri.startswith(("http://", "https://")):
             _check_reachable(uri)
         mlflow.set_tracking_uri(uri)
-        client = mlflow.MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-            exp_id = client.create_experiment(experiment, artifact_location=location)
-        else:
-            exp_id = exp.experiment_id
+        # parallel sweep jobs must not create / migrate one SQLite store at once (alembic races), nor create
+        # the experiment twice: the first job does it under a lock beside the database file
+        with _store_lock(uri):
+            client = mlflow.MlflowClient(uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = Path(artifact_root).resolve().as_uri() if artifact_root else None
+                exp_id = client.create_experiment(experiment, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
         self.experiment_id = exp_id
         self.run_id: str | None = None
 

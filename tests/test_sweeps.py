@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from _cli import cli, layer_dir, part_dirs, tiny
 from larex import io
@@ -35,10 +36,12 @@ def test_joblib_sweep_keeps_every_job_and_a_rerun_recomputes_nothing(tmp_path):
     layer = layer_dir(out, "digits")
     evaluations = sorted(layer.glob("evaluate-*"))
     assert len(evaluations) == 4  # every job kept its own metrics, nothing overwritten
-    tprs = sorted(float(pd.read_csv(e / "metrics.csv")["threshold"].notna().sum() > 0) and
-                  io.read_json(e / "evaluate.json") is not None and
-                  float((e / "config.yaml").read_text().split("tpr:")[1].split()[0]) for e in evaluations)
-    assert tprs == [0.9, 0.9, 0.95, 0.95]
+    settings = sorted((OmegaConf.load(e / "config.yaml").hooked_layer.mc_samples,
+                       OmegaConf.load(e / "config.yaml").evaluate.tpr) for e in evaluations)
+    assert settings == [(4, 0.9), (4, 0.95), (6, 0.9), (6, 0.95)]
+    for e in evaluations:
+        table = pd.read_csv(e / "metrics.csv")
+        assert set(table["method"]) == {"lared", "larem"} and table["auroc"].between(0, 1).all()
     extract = [d for d in layer.glob("extract-*")]
     assert len(extract) == 1  # the rows and the model are the same: one extraction folder ...
     for split in SPLITS:
