@@ -1,6 +1,6 @@
 """OOD-detection metrics and thresholds (numpy only).
 
-Conventions (docs/DESIGN.md): scores are HIGHER = MORE in-distribution, and an input is accepted as ID when
+Conventions (../shared/DESIGN.md, "Metrics"): scores are HIGHER = MORE in-distribution, and an input is accepted as ID when
 ``score >= t``. Labels are never flipped, so a detector worse than chance gets ``auroc < 0.5``.
 
 * ``auroc``, ``aupr_in``, ``fpr95``: ID is the positive class. ``fpr95`` = FPR on OOD at 95% TPR on ID.
