@@ -69,7 +69,8 @@ class MonteCarlo(Producer):
     def from_plan(cls, keys, requests, context):
         hl = dict(context["hooked_layer"])
         return cls(hooked_layer=str(hl["path"]), mc_samples=int(hl["mc_samples"]), keys=keys,
-                   seed=int(context.get("seed", 0)), drop_prob=hl.get("drop_prob"),
+                   seed=int(hl["mask_seed"] if hl.get("mask_seed") is not None else context.get("seed", 0)),
+                   drop_prob=hl.get("drop_prob"),
                    block_size=hl.get("block_size"), mc_batch=(context.get("extract") or {}).get("mc_batch"),
                    reduction=str(hl.get("reduction", "auto")))
 
