@@ -424,3 +424,252 @@ def test_without_samples_layers_use_their_own_rng():
     torch.manual_seed(0)
     with torch.inference_mode(), mc_mode(model):
         assert torch.equal(model(x), a)  # reproducible through the global seed, as before
+
+
+# ---------------------------------------------------------------- per_image masks
+
+from larex import io  # noqa: E402
+from larex.extraction.mc import (_M64, _hash_uniforms, _s64, _splitmix64, _splitmix64_t, image_seeds,  # noqa: E402
+                                 per_image_masks, row_seeds)
+from larex.extraction.module import FeatureExtractor  # noqa: E402
+from larex.extraction.producers.monte_carlo import MonteCarlo  # noqa: E402
+
+PINNED_ZERO_IMAGE_SEED = 5802590204868490777
+
+
+def _per_image(layer_model: nn.Module, x: torch.Tensor, samples: int = S, seed: int = SEED,
+               images: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer_model`` on ``x`` repeated S times, per_image masks seeded by ``images`` (default ``x``): [B, S, ...]."""
+    with torch.inference_mode(), mc_mode(layer_model, samples=samples, seed=seed, masks="per_image"):
+        with row_seeds(layer_model, image_seeds(x if images is None else images, seed)):
+            out = layer_model(x.repeat_interleave(samples, 0))
+    return out.reshape(x.shape[0], samples, *out.shape[1:])
+
+
+def test_splitmix64_on_int64_tensors_matches_python_bits():
+    vals = [0, 1, 2 ** 63 - 1, 2 ** 63, 2 ** 64 - 1, 0x9E3779B97F4A7C15, 12345678901234567890, 7]
+    got = _splitmix64_t(torch.tensor([_s64(v) for v in vals], dtype=torch.int64)).tolist()
+    assert got == [_s64(_splitmix64(v)) for v in vals]
+    # uniforms: element j of row key k = top 53 bits of splitmix64(k + j * gamma) / 2**53
+    keys = torch.tensor([_s64(3), _s64(2 ** 64 - 5)], dtype=torch.int64)
+    u = _hash_uniforms(keys, (2, 3))
+    for r, k in enumerate((3, 2 ** 64 - 5)):
+        ref = [(_splitmix64((k + j * 0x9E3779B97F4A7C15) & _M64) >> 11) / 2 ** 53 for j in range(6)]
+        assert u[r].flatten().tolist() == ref
+    assert u.dtype == torch.float64 and (u >= 0).all() and (u < 1).all()
+
+
+def test_image_seeds_hash_the_image_bytes():
+    x = _images(300, 3, 8)
+    seeds = image_seeds(x, SEED)
+    assert seeds.dtype == torch.int64 and seeds.shape == (300,)
+    assert seeds.unique().numel() == 300  # different images, different seeds
+    # python reference of the documented hash, on one image
+    words = [w & 0xFFFFFFFF for w in x[4].contiguous().view(torch.int32).flatten().tolist()]
+    total = sum(_splitmix64((j << 32) | w) for j, w in enumerate(words)) & _M64
+    key = _splitmix64(_splitmix64(1) ^ SEED)
+    assert seeds[4].item() == _s64(_splitmix64(_splitmix64(total ^ key) ^ len(words)))
+    # per image, not per batch: alone, in another order, with a duplicate -- the same seed
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(image_seeds(x[perm], SEED), seeds[perm])
+    assert image_seeds(x[7:8], SEED).item() == seeds[7].item()
+    dup = torch.stack([x[3], x[9], x[3]])
+    d = image_seeds(dup, SEED)
+    assert d[0] == d[2] and d[0] == seeds[3] and d[1] == seeds[9]
+    # one float changed by one ulp, another seed, float64 input of the same values
+    y = x[:1].clone()
+    y[0, 1, 2, 3] = torch.nextafter(y[0, 1, 2, 3], torch.tensor(10.0))
+    assert image_seeds(y, SEED).item() != seeds[0].item()
+    assert image_seeds(x[:1], SEED + 1).item() != seeds[0].item()
+    assert image_seeds(x[:2].double(), SEED).tolist() == seeds[:2].tolist()
+    # swapping two pixels changes it (positions are mixed in)
+    z = x[:1].clone()
+    z[0, 0, 0, 0], z[0, 0, 0, 1] = x[0, 0, 0, 1], x[0, 0, 0, 0]
+    assert image_seeds(z, SEED).item() != seeds[0].item()
+    # pinned: a change here changes every per_image MC result (bump _PER_IMAGE_VERSION on purpose)
+    assert image_seeds(torch.zeros(1, 1, 2, 2), 0).item() == PINNED_ZERO_IMAGE_SEED
+
+
+def test_per_image_dropblock_masks_bit_identical_across_batch_size_order_and_neighbours():
+    model = _small_cnn(drop_prob=0.5)
+    x = _images(64, 1, 28)
+    with torch.inference_mode():
+        z = model.block2(model.block1(x))
+    ref = _per_image(model.dropblock, z)
+    assert torch.isfinite(ref).all()
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(3))
+    for batch, order in ((1, torch.arange(64)), (7, torch.arange(64)), (7, perm), (64, perm)):
+        got = torch.empty_like(ref)
+        for i0 in range(0, 64, batch):
+            idx = order[i0:i0 + batch]
+            got[idx] = _per_image(model.dropblock, z[idx])
+        assert torch.equal(got, ref), batch
+    # neighbours replaced: image 5 unchanged; another seed changes it
+    other = torch.randn(z.shape, generator=torch.Generator().manual_seed(99)).relu()
+    other[5] = z[5]
+    assert torch.equal(_per_image(model.dropblock, other)[5], ref[5])
+    assert not torch.equal(_per_image(model.dropblock, z, seed=SEED + 1), ref)
+    # passes differ, images differ (unlike shared mode, where pass s of every image is mask s)
+    with torch.inference_mode(), mc_mode(model, samples=S, seed=SEED):
+        shared = model.dropblock(z.repeat_interleave(S, 0)).reshape(ref.shape)
+    ones = torch.ones(64, 1, 7, 7)
+    masks = _per_image(model.dropblock, ones.expand(64, 3, 7, 7).contiguous(), images=z)[:, :, 0]  # [64, S, 7, 7]
+    assert not torch.equal(shared, ref)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0, 0], masks[0, 1])
+
+
+def test_per_image_duplicates_share_masks_and_different_images_are_uncorrelated():
+    n, s = 2000, 2
+    layer = nn.Sequential(DropBlock2D(drop_prob=0.5, block_size=3))
+    imgs = _images(n, 1, 4)
+    imgs[1] = imgs[0]  # a duplicate
+    imgs[3] = imgs[2].clone()
+    imgs[3, 0, 0, 0] += 1e-3  # a near-duplicate is a different image
+    keep = _per_image(layer, torch.ones(n, 1, 7, 7), samples=s, images=imgs)[:, :, 0] != 0  # [n, s, 7, 7]
+    assert torch.equal(keep[0], keep[1])
+    assert not torch.equal(keep[2], keep[3])
+    # agreement of two different images' masks = that of independent masks with the per-position keep rates
+    q = keep.float().mean(dim=(0, 1))
+    expected = (q * q + (1 - q) * (1 - q)).mean().item()
+    a, b = keep[2::2, 0].float(), keep[3::2, 0].float()
+    agree = (a == b).float().mean().item()
+    assert abs(agree - expected) < 0.01, (agree, expected)
+    # and across passes of one image
+    assert abs((keep[2:, 0] == keep[2:, 1]).float().mean().item() - expected) < 0.01
+    # the masks as a whole: as many distinct masks as among independent draws (shared mode's S masks)
+    flat = keep[4:, 0].flatten(1)
+    with torch.inference_mode(), mc_mode(layer, samples=flat.shape[0], seed=SEED):
+        indep = (layer(torch.ones(flat.shape[0], 1, 7, 7))[:, 0] != 0).flatten(1)
+    n_ours, n_indep = torch.unique(flat, dim=0).shape[0], torch.unique(indep, dim=0).shape[0]
+    assert abs(n_ours - n_indep) < 0.05 * n_indep, (n_ours, n_indep)
+
+
+def test_per_image_dropblock_drop_fraction_scale_and_channel_sharing():
+    n = 4000
+    layer = nn.Sequential(DropBlock2D(drop_prob=0.5, block_size=3))
+    out = _per_image(layer, torch.ones(n // 4, 2, 7, 7), samples=4, images=_images(n // 4, 1, 5)).flatten(0, 1)
+    torch.manual_seed(0)
+    ref = DropBlock2D(drop_prob=0.5, block_size=3).train()(torch.ones(n, 2, 7, 7))
+    assert abs((out == 0).float().mean().item() - (ref == 0).float().mean().item()) < 0.02
+    assert torch.equal(out[:, 0], out[:, 1])
+    flat = out[:, 0].flatten(1)
+    for i in range(0, n, 97):
+        vals = flat[i][flat[i] != 0]
+        assert vals.numel() and torch.equal(vals, torch.tensor(49.0 / vals.numel()).expand_as(vals))
+    # even block size: dropblock 0.3.0's own block-mask code on the same seed mask
+    db = DropBlock2D(drop_prob=0.4, block_size=4)
+    seeds = image_seeds(_images(50, 1, 3), SEED)
+    passes = torch.arange(50) % 3
+    mul, add = per_image_masks(db, (3, 9, 9), seeds, passes, 0)
+    assert add is None and mul.shape == (50, 1, 9, 9) and mul.dtype == torch.float64
+    lo, _ = per_image_masks(db, (3, 9, 9), seeds, passes, 0, drop_prob=0.2)
+    assert ((mul == 0) | (lo != 0)).all()  # common random numbers: a higher drop_prob only adds drops
+    # the seed mask u < 0.4 / 16 is what a block size 1 layer with that drop_prob drops (same uniforms)
+    seed_mask = (per_image_masks(DropBlock2D(0.4 / 16, 1), (3, 9, 9), seeds, passes, 0)[0][:, 0] == 0).float()
+    assert torch.equal((mul[:, 0] > 0).float(), db._compute_block_mask(seed_mask))
+
+
+def test_per_image_tiny_maps_and_dropouts():
+    for hw in (1, 2):
+        layer = nn.Sequential(DropBlock2D(drop_prob=0.9, block_size=3))
+        x = torch.randn(40, 5, hw, hw)
+        out = _per_image(layer, x, samples=16)
+        assert torch.isfinite(out).all()
+        dropped = (out.flatten(2) == 0).all(dim=2)
+        assert dropped.any() and not dropped.all()
+    p = 0.3
+    drop = nn.Sequential(nn.Linear(4, 4), nn.Dropout(p))
+    x = _images(500, 1, 20).flatten(1)
+    with torch.inference_mode(), mc_mode(drop, samples=8, seed=SEED, masks="per_image"):
+        with row_seeds(drop, image_seeds(x, SEED)):
+            out = drop[1](torch.ones(500 * 8, 400))
+    assert abs((out != 0).float().mean().item() - (1 - p)) < 0.01
+    assert set(out.unique().tolist()) == {0.0, torch.tensor(1 / (1 - p)).item()}
+    r = out.reshape(500, 8, 400)
+    assert not torch.equal(r[0], r[1]) and not torch.equal(r[0, 0], r[0, 1])
+    d2 = nn.Sequential(nn.Dropout2d(0.5))
+    o2 = _per_image(d2, torch.ones(6, 32, 3, 3), samples=4).flatten(0, 1)
+    per_channel = o2.flatten(2)
+    assert torch.equal(per_channel, per_channel[:, :, :1].expand_as(per_channel))
+    assert set(o2.unique().tolist()) == {0.0, 2.0}
+    fa = nn.Sequential(nn.FeatureAlphaDropout(0.2))
+    of = _per_image(fa, torch.randn(50, 16, 4), samples=20)
+    alpha = 1.7580993408473766
+    a = 1.0 / math.sqrt((alpha ** 2 * 0.2 + 1) * 0.8)
+    dropped = torch.isclose(of, torch.tensor(-alpha * a + alpha * a * 0.2), atol=1e-6)
+    assert torch.equal(dropped.all(dim=3), dropped.any(dim=3))
+    assert abs(dropped.float().mean().item() - 0.2) < 0.03
+
+
+def test_per_image_errors_and_global_rng_untouched():
+    model = _small_cnn(drop_prob=0.5)
+    x = _images(3, 1, 28)
+    with pytest.raises(ValueError, match="masks"):
+        with mc_mode(model, samples=S, seed=SEED, masks="bogus"):
+            pass
+    with pytest.raises(ValueError, match="needs samples"):
+        with mc_mode(model, masks="per_image"):
+            pass
+    with pytest.raises(RuntimeError, match="row_seeds"):
+        with row_seeds(model, image_seeds(x, SEED)):
+            pass
+    with pytest.raises(RuntimeError, match="row_seeds"), torch.inference_mode():
+        with mc_mode(model, samples=S, seed=SEED, masks="per_image"):
+            model(x.repeat_interleave(S, 0))
+    with pytest.raises(RuntimeError, match="2 images"), torch.inference_mode():
+        with mc_mode(model, samples=S, seed=SEED, masks="per_image"), row_seeds(model, image_seeds(x[:2], SEED)):
+            model(x.repeat_interleave(S, 0))
+    with pytest.raises(ValueError, match="masks"):
+        MonteCarlo("dropblock", 4, masks="independent")
+    torch.manual_seed(12345)
+    state = torch.random.get_rng_state()
+    a = _per_image(model, x)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(_per_image(model, x), a)
+    assert "forward" not in model.dropblock.__dict__ and not model.dropblock.training
+
+
+def test_per_image_latents_of_an_image_do_not_depend_on_its_batch():
+    model = _small_cnn(drop_prob=0.3)
+    x = _images(64, 1, 28)
+
+    def fe(masks="per_image", seed=0, share_prefix=True, mc_batch=40):
+        return FeatureExtractor(model, producers=[MonteCarlo(
+            "dropblock", 8, keys=("latent", "mc_logits"), seed=seed, drop_prob=0.5, block_size=3,
+            mc_batch=mc_batch, share_prefix=share_prefix, masks=masks)])
+
+    ext = fe()
+    ref = ext.predict_step((x, torch.zeros(64), torch.arange(64)))
+    scale = float(ref["latent"].abs().max())
+    for bs in (1, 7, 64):
+        order = torch.randperm(64, generator=torch.Generator().manual_seed(bs))
+        parts = [ext.predict_step((x[order[i:i + bs]], torch.zeros(len(order[i:i + bs])), order[i:i + bs]))
+                 for i in range(0, 64, bs)]
+        lat = torch.cat([p["latent"] for p in parts])[torch.argsort(order)]
+        mcl = torch.cat([p["mc_logits"] for p in parts])[torch.argsort(order)]
+        torch.testing.assert_close(lat, ref["latent"], rtol=0, atol=1e-5 * scale)
+        torch.testing.assert_close(mcl, ref["mc_logits"], rtol=0, atol=1e-4)
+    # the full S-fold forward (no shared prefix) gives the same samples
+    full = fe(share_prefix=False).predict_step((x, torch.zeros(64), torch.arange(64)))
+    torch.testing.assert_close(full["latent"], ref["latent"], rtol=0, atol=1e-5 * scale)
+    # a duplicated image gets its copy's samples; shared masks and another seed differ well beyond rounding
+    dup = torch.cat([x[:5], x[2:3]])
+    d = ext.predict_step((dup, torch.zeros(6), torch.arange(6)))["latent"]
+    torch.testing.assert_close(d[5], d[2], rtol=0, atol=1e-5 * scale)
+    for other in (fe(masks="shared"), fe(seed=1)):
+        lat = other.predict_step((x, torch.zeros(64), torch.arange(64)))["latent"]
+        assert float((lat - ref["latent"]).abs().max()) > 1e-2 * scale
+
+
+def test_masks_mode_in_part_only_when_not_shared():
+    kw = dict(keys=("latent", "mc_logits"), seed=3, drop_prob=0.5, block_size=3)
+    before = {"producer": "larex.extraction.producers.monte_carlo.MonteCarlo", "keys": ["latent", "mc_logits"],
+              "hooked_layer": "dropblock", "mc_samples": 8, "seed": 3, "drop_prob": 0.5, "block_size": 3,
+              "reduction": "auto", "masks": "per-pass-v1"}
+    assert MonteCarlo("dropblock", 8, **kw).part == f"mc-{io.config_hash(before)}" == "mc-d45ce14ced104ef0"
+    assert MonteCarlo("dropblock", 8, masks="shared", **kw).part == "mc-d45ce14ced104ef0"
+    assert MonteCarlo("dropblock", 8, masks="per_image", **kw).part != "mc-d45ce14ced104ef0"
+    ctx = {"seed": 3, "hooked_layer": {"path": "dropblock", "mc_samples": 8, "drop_prob": 0.5, "block_size": 3}}
+    assert MonteCarlo.from_plan(("latent",), [], ctx).masks == "shared"
+    ctx["hooked_layer"]["masks"] = "per_image"
+    assert MonteCarlo.from_plan(("latent",), [], ctx).masks == "per_image"

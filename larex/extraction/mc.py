@@ -1,5 +1,5 @@
-"""Monte-Carlo switch (only dropout/DropBlock layers stochastic), deterministic per-sample MC masks, and
-activation reductions."""
+"""Monte-Carlo switch (only dropout/DropBlock layers stochastic), deterministic MC masks (shared per pass or per
+image), and activation reductions."""
 from __future__ import annotations
 
 import math
@@ -133,7 +133,15 @@ def deterministic_masks(module: nn.Module, row_shape: tuple[int, ...], samples: 
     p = p if drop_prob is None else float(drop_prob)
     bs = bs if block_size is None else int(block_size)
     gen = torch.Generator(device="cpu").manual_seed(mc_masks_seed(seed, ordinal, row_shape, samples))
-    f64 = dict(dtype=torch.float64)
+    return _build_masks(module, row_shape, samples, p, bs, torch.device("cpu"),
+                        lambda shape: torch.rand((samples, *shape), generator=gen, dtype=torch.float64))
+
+
+def _build_masks(module: nn.Module, row_shape: tuple[int, ...], n: int, p: float, bs: int | None,
+                 device: torch.device, draw) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` masks ``(mul, add)`` [n, *m] float64 on ``device`` from ``draw(shape)``: float64 uniforms in
+    [0, 1) of shape ``[n, *shape]`` (called at most once). The mask semantics of :func:`deterministic_masks`."""
+    f64 = dict(dtype=torch.float64, device=device)
     nd = len(row_shape)
     if isinstance(module, _DROPBLOCK_TYPES):
         d = 3 if isinstance(module, DropBlock3D) else 2
@@ -141,14 +149,14 @@ def deterministic_masks(module: nn.Module, row_shape: tuple[int, ...], samples: 
             raise _mask_shape_error(module, row_shape, f"[R, C, {', '.join('DHW'[3 - d:])}]")
         spatial = row_shape[1:]
         if p == 0.0:
-            return torch.ones((samples, 1, *spatial), **f64), None
-        u = torch.rand((samples, *spatial), generator=gen, **f64)
+            return torch.ones((n, 1, *spatial), **f64), None
+        u = draw(spatial)
         seeds = (u < p / bs ** d).to(torch.float64)[:, None]
         pool = F.max_pool3d if d == 3 else F.max_pool2d
         block = pool(seeds, kernel_size=(bs,) * d, stride=(1,) * d, padding=bs // 2)
         if bs % 2 == 0:
             block = block[(..., *(slice(None, -1),) * d)]
-        block = 1.0 - block  # [S, 1, *spatial]
+        block = 1.0 - block  # [n, 1, *spatial]
         kept = block.flatten(1).sum(1)
         numel = float(math.prod(spatial))
         scale = torch.where(kept > 0, numel / kept.clamp_min(1.0), torch.zeros_like(kept))
@@ -165,10 +173,10 @@ def deterministic_masks(module: nn.Module, row_shape: tuple[int, ...], samples: 
     mshape = (row_shape[0], *(1,) * (nd - 1)) if channelwise else row_shape
     alpha_type = isinstance(module, (nn.AlphaDropout, nn.FeatureAlphaDropout))
     if p == 0.0:
-        return torch.ones((samples, *mshape), **f64), None
+        return torch.ones((n, *mshape), **f64), None
     if p >= 1.0:
-        return torch.zeros((samples, *mshape), **f64), None
-    keep = (torch.rand((samples, *mshape), generator=gen, **f64) < 1.0 - p).to(torch.float64)
+        return torch.zeros((n, *mshape), **f64), None
+    keep = (draw(mshape) < 1.0 - p).to(torch.float64)
     if not alpha_type:
         return keep * (1.0 / (1.0 - p)), None
     alpha = 1.7580993408473766
@@ -176,11 +184,135 @@ def deterministic_masks(module: nn.Module, row_shape: tuple[int, ...], samples: 
     return keep * a, (keep - 1.0) * (alpha * a) + alpha * a * p
 
 
+# ---------------------------------------------------------------- per-image masks (masks="per_image")
+
+MASK_MODES = ("shared", "per_image")
+_PER_IMAGE_VERSION = 1  # bump when the per-image draw changes (it changes every per_image MC result)
+_GAMMA = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _s64(v: int) -> int:
+    """``v`` mod 2**64 as a signed int64 (the bits torch holds for it)."""
+    v &= _M64
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` on int64 is arithmetic: mask the sign copies)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64_t(z: torch.Tensor) -> torch.Tensor:
+    """Element-wise :func:`_splitmix64` on int64 tensors (wrap-around arithmetic, same bits as the Python one)."""
+    z = z + _s64(_GAMMA)
+    z = (z ^ _shr(z, 30)) * _s64(_MIX1)
+    z = (z ^ _shr(z, 27)) * _s64(_MIX2)
+    return z ^ _shr(z, 31)
+
+
+def image_seeds(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Seed ``[B]`` int64 of each image of ``x`` ``[B, ...]`` for ``masks="per_image"``: a hash of its bytes.
+
+    Each image is cast to float32 (a no-op for float32 input) and its n words read as unsigned 32-bit ints
+    ``w_j``; word j contributes ``splitmix64((j << 32) | w_j)`` (an injective key of position and value through
+    a bijective mixer, so every word has a position-dependent pseudo-random contribution); the contributions are
+    summed with wrap-around int64 arithmetic (exact, so any reduction order gives the same bits) and the sum is
+    finalised with ``seed`` and n: ``splitmix64(splitmix64(sum ^ splitmix64(seed, version)) ^ n)``. Integer
+    torch ops only, on ``x``'s device, vectorized over the images (no loop). Identical bytes give identical
+    seeds, so an image's seed does not depend on its batch; different images collide with probability ~2**-64.
+    It hashes bits: ``-0.0`` and ``0.0`` (or two NaN payloads) are different images, and so is an image after
+    any change to its preprocessing.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError(f"image_seeds needs a batched tensor [B, ...]; got {type(x).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"image_seeds seed must be an integer; got {seed!r}")
+    b = x.shape[0]
+    with torch.no_grad():
+        words = x.detach().to(torch.float32).contiguous().reshape(b, -1).view(torch.int32).to(torch.int64)
+        n = words.shape[1]
+        if n >= 1 << 31:
+            raise ValueError(f"image_seeds: images of {n} float32 words are too large (at most 2**31 - 1)")
+        pos = torch.arange(n, device=x.device, dtype=torch.int64) << 32
+        total = _splitmix64_t((words & 0xFFFFFFFF) | pos).sum(dim=1, dtype=torch.int64)
+        key = _s64(_splitmix64(_splitmix64(_PER_IMAGE_VERSION) ^ (int(seed) & _M64)))
+        return _splitmix64_t(_splitmix64_t(total ^ key) ^ n)
+
+
+def _layer_key(ordinal: int, shape: tuple[int, ...]) -> int:
+    h = _splitmix64(_splitmix64(_PER_IMAGE_VERSION) ^ 0x5045525F494D4147)  # "PER_IMAG"
+    for v in (ordinal, len(shape), *shape):
+        h = _splitmix64(h ^ (int(v) & _M64))
+    return _s64(h)
+
+
+def _hash_uniforms(row_keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniforms [R, *shape] float64 in [0, 1): element j of row r is the (j+1)-th SplitMix64 output of state
+    ``row_keys[r]``, ``splitmix64(key + j * gamma)``, its top 53 bits / 2**53."""
+    numel = math.prod(shape)
+    pos = torch.arange(numel, device=row_keys.device, dtype=torch.int64) * _s64(_GAMMA)
+    z = _splitmix64_t(row_keys[:, None] + pos)
+    return (_shr(z, 11).to(torch.float64) * 2.0 ** -53).reshape(row_keys.shape[0], *shape)
+
+
+def per_image_masks(module: nn.Module, row_shape: tuple[int, ...], seeds: torch.Tensor, passes: torch.Tensor,
+                    ordinal: int, drop_prob: float | None = None, block_size: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Masks ``(mul, add)`` [R, *m] float64 (on ``seeds``' device) of MC layer ``module`` for R rows whose
+    image seeds (:func:`image_seeds`) are ``seeds`` [R] and pass indices ``passes`` [R].
+
+    Row r's uniforms come from the counter-based hash :func:`_hash_uniforms` with state
+    ``splitmix64(splitmix64(seeds[r] ^ layer_key) ^ passes[r])``, ``layer_key`` a SplitMix64 chain over
+    (version, ordinal, len(row_shape), *row_shape), the element's flat position the counter. So a row's mask is a
+    function of (image, run seed, pass, layer, row shape) only; the number of passes S is not mixed in (the first
+    S passes of S' > S are the S passes) nor are ``drop_prob`` / ``block_size`` (common random numbers). The mask
+    semantics (DropBlock seed mask shared by channels, max-pool expansion with the even-size crop, per-mask
+    scale numel / kept, zeros when all dropped; dropout per element or per channel; alpha dropouts) are those
+    of :func:`deterministic_masks`.
+    """
+    row_shape = tuple(int(d) for d in row_shape)
+    seeds = seeds.to(torch.int64).reshape(-1)
+    passes = passes.to(device=seeds.device, dtype=torch.int64).reshape(-1)
+    if passes.shape != seeds.shape:
+        raise ValueError(f"per_image_masks: {seeds.numel()} seeds but {passes.numel()} pass indices")
+    p, bs = _layer_params(module)
+    p = p if drop_prob is None else float(drop_prob)
+    bs = bs if block_size is None else int(block_size)
+    keys = _splitmix64_t(_splitmix64_t(seeds ^ _layer_key(ordinal, row_shape)) ^ passes)
+    return _build_masks(module, row_shape, seeds.shape[0], p, bs, seeds.device,
+                        lambda shape: _hash_uniforms(keys, tuple(shape)))
+
+
+_ENGINES: dict[int, list["_MaskEngine"]] = {}  # id(model) -> engines of its open per_image mc_mode contexts
+
+
+@contextmanager
+def row_seeds(model: nn.Module, seeds: torch.Tensor) -> Iterator[None]:
+    """Inside ``mc_mode(model, ..., masks="per_image")``: the image seeds ``[B]`` (:func:`image_seeds` of the
+    B images, before any repetition) of the forwards run in this context; an MC layer that gets R = B*S rows
+    gives row ``b*S + s`` the masks of image b, pass s. The previous seeds are restored on exit."""
+    engines = _ENGINES.get(id(model))
+    if not engines:
+        raise RuntimeError(f"row_seeds needs an open mc_mode({type(model).__name__}, ..., masks='per_image') "
+                           "context on the same model")
+    if not isinstance(seeds, torch.Tensor) or seeds.dim() != 1 or seeds.dtype != torch.int64:
+        raise ValueError(f"row_seeds needs a 1-D int64 tensor of image seeds (image_seeds(x, seed)); got "
+                         f"{getattr(seeds, 'dtype', type(seeds).__name__)} {tuple(getattr(seeds, 'shape', ()))}")
+    engine = engines[-1]
+    previous, engine.image_seeds = engine.image_seeds, seeds
+    try:
+        yield
+    finally:
+        engine.image_seeds = previous
+
+
 class _MaskEngine:
     """Cache of deterministic masks for one ``mc_mode`` context; patches each MC layer's ``forward``."""
 
-    def __init__(self, samples: int, seed: int) -> None:
-        self.samples, self.seed = samples, seed
+    def __init__(self, samples: int, seed: int, masks: str = "shared") -> None:
+        self.samples, self.seed, self.mode = samples, seed, masks
+        self.image_seeds: torch.Tensor | None = None  # per_image: seeds [B] of the current forward's images
         self._cpu: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._dev: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -219,6 +351,8 @@ class _MaskEngine:
                     f"deterministic MC masks need inputs whose row b*S + s is image b, pass s (repeat each "
                     f"image S times with repeat_interleave)")
             row_shape = tuple(x.shape[1:])
+            if self.mode == "per_image":
+                return self.per_image(name, m, ordinal, x)
             mul, add = self.masks(m, ordinal, row_shape, x.device, x.dtype)
             out = x.reshape(rows // s, s, *row_shape) * mul
             if add is not None:
@@ -227,10 +361,30 @@ class _MaskEngine:
 
         return forward
 
+    def per_image(self, name: str, m: nn.Module, ordinal: int, x: torch.Tensor) -> torch.Tensor:
+        seeds, s, rows = self.image_seeds, self.samples, x.shape[0]
+        if seeds is None:
+            raise RuntimeError(f"MC layer {name!r} ({type(m).__name__}): masks='per_image' needs the images' seeds; "
+                               f"run the forward inside row_seeds(model, image_seeds(x, seed)) (x: the B images "
+                               f"before repetition)")
+        if seeds.shape[0] * s != rows:
+            raise RuntimeError(f"MC layer {name!r} ({type(m).__name__}) got {rows} rows, but row_seeds holds "
+                               f"{seeds.shape[0]} images x samples={s}: rows must be b*S + s of those images")
+        dev = x.device if x.device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 / int64 ops
+        with torch.no_grad():
+            per_row = seeds.to(dev).repeat_interleave(s)
+            passes = torch.arange(rows, device=dev, dtype=torch.int64) % s
+            mul, add = per_image_masks(m, tuple(x.shape[1:]), per_row, passes, ordinal)
+            mul = mul.to(device=x.device, dtype=x.dtype)
+            add = None if add is None else add.to(device=x.device, dtype=x.dtype)
+        out = x * mul
+        return out if add is None else out + add
+
 
 @contextmanager
 def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | None = None, *,
-            samples: int | None = None, seed: int | None = None) -> Iterator[list[tuple[str, nn.Module]]]:
+            samples: int | None = None, seed: int | None = None, masks: str = "shared"
+            ) -> Iterator[list[tuple[str, nn.Module]]]:
     """Whole model in eval, only its MC layers in train mode; yields ``mc_modules(model)``.
 
     BatchNorm, spectral-norm power iterations etc. stay in eval, so a pass changes no buffer.
@@ -249,10 +403,17 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
     the global RNG is neither used nor changed. A layer called several times in one forward with the same
     row shape applies the same mask s each time.
 
+    ``masks="per_image"`` (needs ``samples``/``seed``): row ``b*S + s`` gets its own masks, drawn from image
+    b's seed (:func:`image_seeds` of the image's bytes and the run seed, handed in with :func:`row_seeds`
+    around each forward), pass s, the layer ordinal and the row shape (:func:`per_image_masks`): independent
+    masks per image as in classic MC dropout, still independent of the batch (a duplicated image gets its
+    copy's masks). Drawn per forward (no cache), on the input's device, integer hashing only.
+
     Raises:
         ValueError: the model has no MC layer, an override is out of range, or only one of
             ``samples``/``seed`` is given or they are not integers (samples >= 1).
-        RuntimeError (in a forward, deterministic mode): an MC layer got a row count not divisible by S.
+        RuntimeError (in a forward, deterministic mode): an MC layer got a row count not divisible by S
+            (per_image: not S times the images of ``row_seeds``, or no ``row_seeds`` open).
     """
     layers = require_mc_modules(model)
     check_overrides(drop_prob, block_size)
@@ -264,6 +425,11 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
             raise ValueError(f"mc_mode samples must be an integer >= 1; got {samples!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"mc_mode seed must be an integer; got {seed!r}")
+    if masks not in MASK_MODES:
+        raise ValueError(f"mc_mode masks={masks!r} is unknown; use one of {MASK_MODES}")
+    if masks != "shared" and samples is None:
+        raise ValueError(f"mc_mode masks={masks!r} needs samples and seed (deterministic masks)")
+    engine = None
     saved: list[tuple[nn.Module, str, object]] = []
     patched: list[tuple[nn.Module, bool, object]] = []
     with _restore_modes(model):
@@ -278,7 +444,9 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
                     saved.append((m, "block_size", m.block_size))
                     m.block_size = int(block_size)
             if samples is not None:
-                engine = _MaskEngine(samples, seed)
+                engine = _MaskEngine(samples, seed, masks)
+                if masks == "per_image":
+                    _ENGINES.setdefault(id(model), []).append(engine)
                 for ordinal, (name, m) in enumerate(layers):
                     had = "forward" in m.__dict__
                     patched.append((m, had, m.__dict__.get("forward")))
@@ -288,6 +456,10 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
                 m.train()
             yield layers
         finally:
+            if engine is not None and engine in _ENGINES.get(id(model), []):
+                _ENGINES[id(model)].remove(engine)
+                if not _ENGINES[id(model)]:
+                    del _ENGINES[id(model)]
             for m, had, old in reversed(patched):
                 if had:
                     m.__dict__["forward"] = old

@@ -10,6 +10,9 @@ Masks: pass s of every image uses the same mask s, drawn from ``seed`` for each 
 (:func:`larex.extraction.mc.mc_mode` with ``samples``/``seed``), with per-mask normalisation. So an image's
 latents depend only on the image and the seed -- not on the batch size, the order, ``mc_batch`` or the other
 images -- and a deployed detector scores an image alone as it scores it in a batch. The global RNG is untouched.
+With ``masks="per_image"`` (``hooked_layer.masks``) every image gets its own S masks instead, as in classic MC
+dropout, drawn from a hash of the image's bytes and ``seed`` (:func:`larex.extraction.mc.image_seeds`), so they
+are still independent of the batch.
 If ``mc_logits`` is not requested, each MC pass stops right after the hooked layer.
 """
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 from torch import nn
 
 from larex.extraction.hooks import capture_output, resolve_module
-from larex.extraction.mc import REDUCTIONS, check_overrides, mc_mode, reduce_activation, require_mc_modules
+from larex.extraction.mc import (MASK_MODES, REDUCTIONS, check_overrides, image_seeds, mc_mode, reduce_activation,
+                                 require_mc_modules, row_seeds)
 from larex.extraction.producers.base import Producer, first_tensor, logits_of
 
 
@@ -35,14 +39,15 @@ class MonteCarlo(Producer):
     """Args: hooked_layer (dotted path), mc_samples (S), seed, drop_prob / block_size (MC-layer overrides at
     extraction, None = as trained), mc_batch (rows per MC forward; does not change the result), reduction,
     share_prefix (run the layers before the first MC layer once per image; falls back to S full passes, with a
-    warning, when later layers reuse earlier activations, e.g. a skip connection around the dropout)."""
+    warning, when later layers reuse earlier activations, e.g. a skip connection around the dropout), masks
+    ("shared": pass s of every image uses mask s; "per_image": each image its own masks, from its bytes and seed)."""
 
     name = "mc"
     provides = ("latent", "mc_logits")
 
     def __init__(self, hooked_layer: str, mc_samples: int = 16, keys=("latent",), seed: int = 0,
                  drop_prob: float | None = None, block_size: int | None = None, mc_batch: int | None = None,
-                 reduction: str = "auto", share_prefix: bool = True):
+                 reduction: str = "auto", share_prefix: bool = True, masks: str = "shared"):
         keys = tuple(k for k in self.provides if k in keys)
         if not keys:
             raise ValueError(f"MonteCarlo produces {self.provides}; got keys {keys}")
@@ -54,6 +59,9 @@ class MonteCarlo(Producer):
         if reduction not in REDUCTIONS:
             raise ValueError(f"MonteCarlo reduction={reduction!r} is unknown; use one of {REDUCTIONS}")
         check_overrides(drop_prob, block_size)
+        if masks not in MASK_MODES:
+            raise ValueError(f"MonteCarlo masks={masks!r} is unknown; use one of {MASK_MODES}")
+        self.masks = masks
         self.hooked_layer = hooked_layer
         self.mc_samples = mc_samples
         self.seed = seed
@@ -72,12 +80,13 @@ class MonteCarlo(Producer):
                    seed=int(hl["mask_seed"] if hl.get("mask_seed") is not None else context.get("seed", 0)),
                    drop_prob=hl.get("drop_prob"),
                    block_size=hl.get("block_size"), mc_batch=(context.get("extract") or {}).get("mc_batch"),
-                   reduction=str(hl.get("reduction", "auto")))
+                   reduction=str(hl.get("reduction", "auto")), masks=str(hl.get("masks", "shared")))
 
     def identity(self):
         return {"keys": sorted(self.keys), "hooked_layer": self.hooked_layer, "mc_samples": self.mc_samples,
                 "seed": self.seed, "drop_prob": self.drop_prob, "block_size": self.block_size,
-                "reduction": self.reduction, "masks": "per-pass-v1"}
+                "reduction": self.reduction,
+                "masks": "per-pass-v1" if self.masks == "shared" else "per-image-v1"}  # shared: hashes as before
 
     def setup(self, model):
         resolve_module(model, self.hooked_layer)
@@ -89,7 +98,7 @@ class MonteCarlo(Producer):
         want_latent, want_logits = "latent" in self.keys, "mc_logits" in self.keys
         layer = resolve_module(model, self.hooked_layer)
         with torch.inference_mode(), \
-                mc_mode(model, self.drop_prob, self.block_size, samples=s, seed=self.seed) as layers:
+                mc_mode(model, self.drop_prob, self.block_size, samples=s, seed=self.seed, masks=self.masks) as layers:
             active = any(float(getattr(m, "drop_prob", getattr(m, "p", 0.0))) > 0 for _, m in layers)
             latents, logits = [], []
             if self.share_prefix and self._prefix_ok is not False:
@@ -108,9 +117,9 @@ class MonteCarlo(Producer):
                     latents, logits = [], []
             if not self._prefix_ok:
                 for i0 in range(0, n, per_chunk):
-                    xi = x[i0:i0 + per_chunk].repeat_interleave(s, dim=0)
-                    self._forward(model, xi, layer, [], latents, logits, want_latent, want_logits,
-                                  expand_at_mc_layer=False)
+                    xc = x[i0:i0 + per_chunk]
+                    self._forward(model, xc.repeat_interleave(s, dim=0), layer, [], latents, logits, want_latent,
+                                  want_logits, expand_at_mc_layer=False, images=xc)
         res = {}
         if want_latent:
             latent = torch.cat(latents).reshape(n, s, -1)
@@ -121,12 +130,14 @@ class MonteCarlo(Producer):
         return res
 
     def _forward(self, model: nn.Module, xi: torch.Tensor, layer: nn.Module, mc_layers: list[nn.Module],
-                 latents: list, logits: list, want_latent: bool, want_logits: bool, expand_at_mc_layer: bool) -> None:
+                 latents: list, logits: list, want_latent: bool, want_logits: bool, expand_at_mc_layer: bool,
+                 images: torch.Tensor | None = None) -> None:
         """One stochastic forward whose rows are ``b * S + s``.
 
         With ``expand_at_mc_layer`` the input holds each image once: the deterministic layers before the first
         MC layer run once per image and that layer's input is repeated S times (same rows as for the repeated
-        input, so the samples are identical).
+        input, so the samples are identical). ``images``: the chunk's images before repetition (default ``xi``),
+        whose seeds the per_image masks use (row ``r`` is image ``r // S``).
         """
         s = self.mc_samples
         rows = xi.shape[0] * s if expand_at_mc_layer else xi.shape[0]
@@ -139,6 +150,8 @@ class MonteCarlo(Producer):
             return (args[0].repeat_interleave(s, dim=0), *args[1:])
 
         with ExitStack() as stack:
+            if self.masks == "per_image":
+                stack.enter_context(row_seeds(model, image_seeds(xi if images is None else images, self.seed)))
             if expand_at_mc_layer:
                 for m in mc_layers:
                     stack.callback(m.register_forward_pre_hook(expand).remove)
