@@ -531,8 +531,8 @@ def baseline_configs() -> list[tuple[str, Any]]:
     out = []
     for path in sorted((REPO / "configs" / "baselines").glob("*.yaml")):
         cfg = OmegaConf.load(path)
-        if "_target_" in cfg:
-            out.append((path.stem, cfg))
+        if "_target_" in cfg:  # method YAMLs may interpolate the model config (nac_ue: ${model.nac_layers})
+            out.append((path.stem, OmegaConf.create({"model": {"nac_layers": ["block3"]}, "m": cfg}).m))
     return out
 
 
@@ -555,12 +555,12 @@ def baseline_rows(ctx: Ctx) -> list[Row]:
             pp = instantiate(cfg)
             if "mc_logits" in pp.requires:
                 continue  # needs MC-dropout logits: not a logits/feature baseline
-            other = [k for k in pp.requires if k not in data.fit]
+            other = [k for k in (*pp.fit_requires, *pp.requires) if k not in data.fit]
             if other:
                 rows.append(Row(row_name, inputs, goal="-",
                                 note=f"skipped: needs {other}, not a logits/penultimate feature"))
                 continue
-            fit = {k: data.fit[k] for k in pp.requires}
+            fit = {k: data.fit[k] for k in pp.fit_requires}
             test = {k: data.test[k] for k in pp.requires}
             ctx.log(f"baselines: {name} (larex)")
             t_ours, ours = ctx.time(lambda: pp.fit(fit).score(test))
