@@ -56,22 +56,79 @@ def methods_roc_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title:
     return _roc_figure(curves, title, path)
 
 
+BULK_QUANTILE = 0.5
+"""Percent cut from each end of a series to find its bulk (robust to a few extreme scores)."""
+REACH = 3.0
+"""A panel extends past the ID bulk by at most this many ID-bulk widths, so a far-away OOD set cannot squeeze the
+ID distribution into one bar; its scores outside are counted instead."""
+
+
+def _bulk(v: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(v, [BULK_QUANTILE, 100 - BULK_QUANTILE])
+    return float(lo), float(hi)
+
+
+def histogram_range(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[float, float]:
+    """x range of one panel (ID vs one OOD set): the union of both bulks, but at most ``REACH`` ID-bulk widths
+    beyond the ID bulk on either side, padded by 5%."""
+    ids, oods = np.asarray(id_scores, dtype=np.float64), np.asarray(ood_scores, dtype=np.float64)
+    if ids.size == 0 or oods.size == 0:
+        raise ValueError("score_histogram needs at least one ID and one OOD score per panel; got "
+                         f"{ids.size} ID and {oods.size} OOD scores")
+    ilo, ihi = _bulk(ids)
+    olo, ohi = _bulk(oods)
+    width = ihi - ilo
+    if not width > 0:
+        width = max(abs(ilo), 1.0) * 1e-3
+    lo = max(min(ilo, olo), ilo - REACH * width)
+    hi = min(max(ihi, ohi), ihi + REACH * width)
+    if not hi > lo:
+        lo, hi = lo - 0.5 * width, hi + 0.5 * width
+    pad = 0.05 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def outside_counts(v: np.ndarray, lo: float, hi: float) -> tuple[int, int]:
+    """Scores below ``lo`` and above ``hi`` (drawn as counts, not as bars)."""
+    v = np.asarray(v, dtype=np.float64)
+    return int((v < lo).sum()), int((v > hi).sum())
+
+
 def score_histogram(scores: Mapping[str, np.ndarray], title: str, path: str | Path,
                     threshold: float | None = None, threshold_label: str = "threshold") -> Path:
-    """Overlaid score histograms (ID test and each OOD set), with the decision threshold if given."""
+    """One panel per OOD set: the ID scores (first entry of ``scores``) against that set, each panel on the range
+    of :func:`histogram_range`; scores outside it are counted in the legend, the decision threshold is drawn."""
+    names = list(scores)
+    if len(names) < 2:
+        raise ValueError("score_histogram needs the ID scores first and at least one OOD set")
+    id_name, ids = names[0], np.asarray(scores[names[0]], dtype=np.float64)
+    oods = names[1:]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    allv = np.concatenate([np.asarray(v, dtype=np.float64) for v in scores.values()])
-    lo, hi = np.percentile(allv, [0.5, 99.5]) if allv.size else (0.0, 1.0)
-    if not hi > lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    bins = np.linspace(lo, hi, 60)
-    for name, v in scores.items():
-        ax.hist(np.clip(v, lo, hi), bins=bins, alpha=0.45, density=True, label=f"{name} (n={len(v)})")
-    if threshold is not None and np.isfinite(threshold):
-        ax.axvline(threshold, color="black", lw=1, ls="--", label=threshold_label)
-    ax.set(xlabel="score (higher = more in-distribution)", ylabel="density", title=title)
-    ax.legend(fontsize=8)
+    cols = min(2, len(oods))
+    rows = -(-len(oods) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False, layout="constrained")
+    for ax, name in zip(axes.ravel(), oods):
+        ood = np.asarray(scores[name], dtype=np.float64)
+        lo, hi = histogram_range(ids, ood)
+        bins = np.linspace(lo, hi, 50)
+        for label, v, color in ((id_name, ids, "tab:blue"), (name, ood, "tab:orange")):
+            below, above = outside_counts(v, lo, hi)
+            extra = "".join([f", {below} below" if below else "", f", {above} above" if above else ""])
+            inside = v[(v >= lo) & (v <= hi)]
+            ax.hist(inside, bins=bins, alpha=0.5, color=color, label=f"{label} (n={len(v)}{extra})",
+                    weights=np.full(len(inside), 1.0 / max(len(v), 1)))
+        if threshold is not None and np.isfinite(threshold):
+            if lo <= threshold <= hi:
+                ax.axvline(threshold, color="black", lw=1, ls="--", label=threshold_label)
+            else:
+                ax.annotate(f"{threshold_label}: {threshold:.4g} (off the range)", (0.02, 0.95),
+                            xycoords="axes fraction", fontsize=7, va="top")
+        ax.set(xlabel="score (higher = more in-distribution)", ylabel="fraction of the set", title=f"ID vs {name}",
+               xlim=(lo, hi))
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(oods):]:
+        ax.axis("off")
+    fig.suptitle(title)
     try:
         return _save(fig, Path(path))
     finally:
