@@ -555,7 +555,7 @@ def baseline_rows(ctx: Ctx) -> list[Row]:
             pp = instantiate(cfg)
             if "mc_logits" in pp.requires:
                 continue  # needs MC-dropout logits: not a logits/feature baseline
-            other = [k for k in (*pp.fit_requires, *pp.requires) if k not in data.fit]
+            other = [k for k in dict.fromkeys((*pp.fit_requires, *pp.requires)) if k not in data.fit]
             if other:
                 rows.append(Row(row_name, inputs, goal="-",
                                 note=f"skipped: needs {other}, not a logits/penultimate feature"))
