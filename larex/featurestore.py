@@ -32,17 +32,9 @@ class FeatureStore:
 
     def _aggregate_ok(self, split: str) -> bool:
         path = self.layout.aggregate_file(split)
-        if not path.is_file():
-            return False
         if self.aggregate_hash is None:
-            return True
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                return (f.metadata() or {}).get("config_hash") == self.aggregate_hash(split)
-        except Exception:  # noqa: BLE001 - an unreadable file is not current
-            return False
+            return path.is_file()
+        return io.has_config_hash(path, self.aggregate_hash(split))
 
     def available(self, split: str) -> set[str]:
         keys = {k for k in self.layout.parts if not features.is_model_key(k) and self._part_ok(split, k)}

@@ -171,6 +171,19 @@ def load_arrays(path: str | Path, keys: Sequence[str] | None = None, *, size: in
 # --------------------------------------------------------------------------------------------------
 # config hashing and layout
 # --------------------------------------------------------------------------------------------------
+def has_config_hash(path: str | Path, cfg_hash: str) -> bool:
+    """True when the safetensors file ``path`` exists, is readable and its metadata carries ``config_hash``."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return (f.metadata() or {}).get("config_hash") == cfg_hash
+    except Exception:  # noqa: BLE001 - a truncated or unreadable file is not current: recompute it
+        return False
+
+
 def config_hash(obj: Any) -> str:
     """Stable short hash of a JSON-able object (dict key order does not matter)."""
     blob = json.dumps(obj, sort_keys=True, default=_json_default, separators=(",", ":"))

@@ -17,14 +17,10 @@ from larex.featurestore import FeatureStore
 from larex.layout import Layout, claim
 
 
-def _fit_keys(pp) -> tuple[str, ...]:
-    return tuple(getattr(pp, "fit_requires", None) or pp.requires)
-
-
 def check_inputs(methods: Mapping[str, object], store: FeatureStore, splits: Sequence[str]) -> None:
     """Every method's fit inputs on ``fit`` and score inputs on every other split, before any compute."""
     for name, pp in methods.items():
-        store.check(splits[0], name, _fit_keys(pp))
+        store.check(splits[0], name, pp.fit_requires)
         for s in splits[1:]:
             store.check(s, name, pp.requires)
 
@@ -45,11 +41,11 @@ def score_methods(methods: Mapping[str, object], method_hashes: Mapping[str, str
                 timings[name] = float(io.read_json(meta).get("seconds", float("nan")))
                 continue
             t0 = time.perf_counter()
-            pp.fit(store.get(splits[0], _fit_keys(pp)), store.get(splits[1], pp.requires))
+            pp.fit(store.get(splits[0], pp.fit_requires), store.get(splits[1], pp.requires))
             scores = {sp: np.asarray(pp.score(store.get(sp, pp.requires)), dtype=np.float64) for sp in splits[1:]}
             timings[name] = time.perf_counter() - t0
             for sp, v in scores.items():
-                if v.shape != (store.rows(sp, getattr(pp, "score_axis", "image")),) or not np.isfinite(v).all():
+                if v.shape != (store.rows(sp, pp.score_axis),) or not np.isfinite(v).all():
                     raise ValueError(f"method {name} returned invalid scores for split {sp}: shape {v.shape}, "
                                      f"{int((~np.isfinite(v)).sum())} non-finite values")
             all_scores[name] = scores

@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from larex.tasks.classification import Classification
 from larex.extraction.hooks import LayerNotFoundError
 from larex.extraction.module import FeatureExtractor
 from larex.extraction.plan import plan_extraction
@@ -146,7 +147,7 @@ def test_extractor_nac_arguments_and_the_plan_from_the_method():
     assert method.requires == ("nac.block2", "nac.block3") and method.fit_requires == method.requires
     assert method.extraction_params() == {"nac.block2": {}, "nac.block3": {}}
     context = {"seed": 0, "hooked_layer": {"path": "block3", "mc_samples": 2}, "head": "fc", "extract": {}}
-    plan = plan_extraction(method_requests({"nac_ue": method}), context)
+    plan = plan_extraction(method_requests({"nac_ue": method}), context, always=Classification.always_keys)
     (producer,) = [p for p in plan.producers if isinstance(p, NAC)]
     assert producer.layers == ("block2", "block3")
     out = FeatureExtractor(model, producers=plan.producers).predict_step(_batch(n=3))

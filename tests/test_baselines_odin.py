@@ -14,6 +14,7 @@ from pytorch_ood.detector import odin_preprocessing
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from larex.tasks.classification import Classification
 from larex.extraction.module import FeatureExtractor
 from larex.extraction.plan import plan_extraction
 from larex.extraction.producers.odin import ODIN as OdinProducer
@@ -156,7 +157,7 @@ def test_odin_arguments_and_the_plan_from_the_method():
     assert method.extraction_params() == {"odin_logits": PAPER}
     assert ODIN().extraction_params() == {"logits": {}}  # temperature-only ODIN asks the producer for nothing
     context = {"seed": 0, "hooked_layer": {"path": "block3", "mc_samples": 2}, "head": "fc", "extract": {}}
-    plan = plan_extraction(method_requests({"odin_perturbed": method}), context)
+    plan = plan_extraction(method_requests({"odin_perturbed": method}), context, always=Classification.always_keys)
     (producer,) = [p for p in plan.producers if isinstance(p, OdinProducer)]
     assert producer.identity() == PAPER and "odin_logits" in plan.parts
     ext = FeatureExtractor(model, producers=plan.producers)

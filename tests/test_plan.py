@@ -74,7 +74,9 @@ def test_conflicting_producer_settings_and_unknown_keys_are_config_errors():
         plan_extraction({"logit": [{}]}, CONTEXT)
     with pytest.raises(PlanError, match="aggregate stage"):
         plan_extraction({"entropy": [{}]}, CONTEXT)  # without the task's derived keys
-    assert set(plan_extraction({"entropy": [{}]}, CONTEXT, derived={"entropy": ("latent",)}).parts) == {"latent", "labels"}
+    assert set(plan_extraction({"entropy": [{}]}, CONTEXT, derived={"entropy": ("latent",)},
+                               always=("labels",)).parts) == {"latent", "labels"}
+    assert set(plan_extraction({"logits": [{}]}, CONTEXT).parts) == {"logits"}  # nothing added unless asked
 
 
 def test_features_of_another_task_fail_before_compute():

@@ -3,8 +3,8 @@
 Every key a method reads (``fit_requires`` + ``requires``) is looked up in the feature registry
 (:mod:`larex.features`); its producer class builds one instance from all requested keys of that producer, the
 parameters methods attached to them (``Postprocessor.extraction_params``) and the run context. Keys written by a
-stage (``entropy`` by aggregate) are replaced by their inputs first (the Task's aggregation steps). So
-``postprocessor=[lared] baselines=[]`` plans the MC latents only (plus labels), and a method that brings its own
+stage (``entropy`` by aggregate) are replaced by their inputs first (the Task's aggregation steps), and the Task's
+``always_keys`` are added. So ``postprocessor=[lared] baselines=[]`` plans the MC latents only (plus labels), and a method that brings its own
 producer module works without any list being edited.
 """
 from __future__ import annotations
@@ -16,10 +16,6 @@ from typing import Any
 
 from larex import features
 from larex.extraction.producers.base import Producer
-
-ALWAYS = ("labels",)
-"""Keys extracted in every plan (cheap; the scores table and task metrics use them)."""
-
 
 class PlanError(ValueError):
     """A requested feature has no producer, or producers disagree."""
@@ -76,7 +72,7 @@ def expand_derived(keys: Iterable[str], derived: Mapping[str, Sequence[str]]) ->
 
 
 def plan_extraction(requests: Mapping[str, Sequence[Mapping[str, Any]]], context: Mapping[str, Any],
-                    derived: Mapping[str, Sequence[str]] | None = None, always: Sequence[str] = ALWAYS) -> Plan:
+                    derived: Mapping[str, Sequence[str]] | None = None, always: Sequence[str] = ()) -> Plan:
     """Build the plan for ``requests`` (key -> the parameter dicts methods attached to it).
 
     Args:
@@ -84,7 +80,7 @@ def plan_extraction(requests: Mapping[str, Sequence[Mapping[str, Any]]], context
         context: plain run context handed to ``Producer.from_plan`` (``seed``, ``hooked_layer``, ``head``,
             ``extract``).
         derived: stage-written keys -> their inputs (the Task's aggregation steps).
-        always: keys added to every plan.
+        always: keys added to every plan (the Task's ``always_keys``, e.g. classification's ``labels``).
     """
     derived = dict(derived or {})
     wanted: dict[str, list[Mapping[str, Any]]] = {}

@@ -12,21 +12,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 from rich.progress import Progress
-from safetensors import safe_open
 
 from larex import io
 from larex.layout import claim
 from larex.stages import common
-
-
-def is_current(path: Path, cfg_hash: str) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return (f.metadata() or {}).get("config_hash") == cfg_hash
-    except Exception:  # noqa: BLE001 - a truncated or unreadable file is not current: recompute it
-        return False
 
 
 def split_outputs(run: common.Run, split: str, steps) -> dict[str, np.ndarray]:
@@ -56,7 +45,7 @@ def run(cfg: DictConfig, run: common.Run | None = None, splits: list[str] | None
         return layout.aggregate_dir
     steps = [s for s in run.task.aggregation_steps(common.aggregate_params(cfg)) if s.output in needed]
     splits = splits or run.splits
-    todo = [s for s in splits if cfg.force or not is_current(layout.aggregate_file(s), run.aggregate_split_hash(s))]
+    todo = [s for s in splits if cfg.force or not io.has_config_hash(layout.aggregate_file(s), run.aggregate_split_hash(s))]
     if not todo:
         common.log("aggregate", f"up to date: {layout.aggregate_dir}")
         return layout.aggregate_dir
@@ -73,7 +62,7 @@ def run(cfg: DictConfig, run: common.Run | None = None, splits: list[str] | None
         for s in todo:
             path = layout.aggregate_file(s)
             with claim(path, "larex-aggregate"):
-                if cfg.force or not is_current(path, run.aggregate_split_hash(s)):
+                if cfg.force or not io.has_config_hash(path, run.aggregate_split_hash(s)):
                     io.save_arrays(path, split_outputs(run, s, steps),
                                    metadata={"config_hash": run.aggregate_split_hash(s), "split": s})
             progress.advance(bar)

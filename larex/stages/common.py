@@ -227,16 +227,17 @@ def method_specs(cfg: DictConfig) -> dict[str, DictConfig]:
     return specs
 
 
-def fit_keys(pp) -> tuple[str, ...]:
-    return tuple(getattr(pp, "fit_requires", None) or pp.requires)
+def method_keys(pp) -> tuple[str, ...]:
+    """Every key a method reads: its fit needs, then its score needs."""
+    return tuple(dict.fromkeys((*pp.fit_requires, *pp.requires)))
 
 
 def method_requests(methods: Mapping[str, Any]) -> dict[str, list[dict]]:
     """Feature key -> the producer parameters each method attaches to it (fit and score needs together)."""
     out: dict[str, list[dict]] = {}
     for pp in methods.values():
-        params = pp.extraction_params() if hasattr(pp, "extraction_params") else {}
-        for key in dict.fromkeys((*fit_keys(pp), *pp.requires)):
+        params = pp.extraction_params()
+        for key in method_keys(pp):
             out.setdefault(key, []).append(dict(params.get(key) or {}))
     return out
 
@@ -302,19 +303,14 @@ class Run:
     def aggregate_split_hash(self, split: str) -> str:
         return io.config_hash({"aggregate": self.layout.aggregate_hash, "split": split_hash(self.cfg, split)})
 
-    @property
-    def uses_aggregate(self) -> bool:
-        return bool(self.derived_needed())
-
     def derived_needed(self) -> list[str]:
         derived = self.task.derived_keys()
-        return [k for k in dict.fromkeys(k for pp in self.methods.values() for k in (*fit_keys(pp), *pp.requires))
-                if k in derived]
+        return [k for k in dict.fromkeys(k for pp in self.methods.values() for k in method_keys(pp)) if k in derived]
 
     def method_hash(self, name: str) -> str:
         """What a method's scores depend on: its config and every input it reads, for every split."""
         pp = self.methods[name]
-        keys = sorted(set(fit_keys(pp)) | set(pp.requires))
+        keys = sorted(method_keys(pp))
         derived = self.task.derived_keys()
         inputs = {k: (self.layout.aggregate_hash if k in derived else self.plan.parts.get(k)) for k in keys}
         return io.config_hash({"method": plain(self.specs[name]), "extract": self.layout.extract_hash,
@@ -337,7 +333,7 @@ def prepare(cfg: DictConfig) -> Run:
     derived = task.derived_keys()
     task.check_keys(list(requests))
     try:
-        plan = plan_extraction(requests, producer_context(cfg), derived=derived)
+        plan = plan_extraction(requests, producer_context(cfg), derived=derived, always=task.always_keys)
     except (KeyError, ValueError) as err:
         raise ConfigError(str(err)) from err
     task.check_keys(list(plan.parts))

@@ -21,8 +21,6 @@ from larex.reporting.tables import metrics_table, print_results, results_markdow
 from larex.scoring import score_methods
 from larex.stages import common
 
-SCORED_SPLITS = ("fit", "val", "test")
-
 
 def feature_store(run: common.Run) -> FeatureStore:
     return FeatureStore(run.layout, run.part_hash, aggregated=run.derived_needed(),
@@ -37,11 +35,11 @@ def check_requirements(cfg: DictConfig, run: common.Run | None = None) -> common
     return run
 
 
-def score(cfg: DictConfig, run: common.Run, methods: dict | None = None):
+def score(cfg: DictConfig, run: common.Run, methods: dict | None = None, store: FeatureStore | None = None):
     """Scores of ``methods`` (default: every selected one) on val, test and every OOD set, cached per method."""
     names = list(methods or run.methods)
     return score_methods({n: run.methods[n] for n in names}, {n: run.method_hash(n) for n in names},
-                         {n: common.plain(run.specs[n]) for n in names}, feature_store(run), run.layout,
+                         {n: common.plain(run.specs[n]) for n in names}, store or feature_store(run), run.layout,
                          ["fit", "val", "test", *(s for s in run.splits if s.startswith("ood/"))], force=bool(cfg.force))
 
 
@@ -78,10 +76,11 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
         uri = cfg.tracking.uri or default_uri(common.output_root(cfg))
         tracker = Tracker(uri, str(cfg.tracking.experiment), artifact_root=common.output_root(cfg) / "mlartifacts")
 
-    all_scores, timings = score(cfg, run)
+    store = feature_store(run)  # one store: features read for scoring are reused by the summary metrics
+    all_scores, timings = score(cfg, run, store=store)
     tpr = float(cfg.evaluate.tpr)
     table, flat = metrics_table(all_scores, oods, tpr, list(cfg.evaluate.zscore_percentiles))
-    summary = _summary(run)
+    summary = _summary(run, store)
     flat.update({f"id/test_{k}": v for k, v in summary.items()})
     io.write_text(out / "metrics.csv", table.to_csv(index=False))
     io.write_bytes(out / "metrics.parquet", table.to_parquet(index=False))
@@ -119,9 +118,8 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
     return table
 
 
-def _summary(run: common.Run) -> dict[str, float]:
+def _summary(run: common.Run, store: FeatureStore) -> dict[str, float]:
     """The Task's summary metrics (classification: accuracy) on ID test, from whatever features were extracted."""
-    store = feature_store(run)
     keys = [k for k in run.task.summary_requires if k in store.available("test")]
     if set(keys) != set(run.task.summary_requires):
         return {}

@@ -15,6 +15,7 @@ inside. The stages hand them plain values.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,19 +36,21 @@ class AggregationStep:
     identity: Mapping[str, Any]
 
 
-class Task:
-    """Base class; subclasses set ``name`` and ``feature_keys`` and implement what differs."""
+class Task(ABC):
+    """Base class; subclasses set ``name`` and implement :meth:`input_dataset` and what else differs."""
 
     name: str = "task"
+    always_keys: tuple[str, ...] = ()
+    """Keys extracted in every plan of this task, whatever the methods read (cheap ones the reports use)."""
 
     def __init__(self, name: str | None = None):
         if name is not None:
             self.name = name
 
     # ------------------------------------------------------------------ inputs
+    @abstractmethod
     def input_dataset(self, dataset, input_spec: Mapping[str, Any]):
         """Wrap a split's raw dataset so it yields model inputs ``(x, target, index)``."""
-        raise NotImplementedError
 
     def collate(self, items: Sequence[Any]) -> Any:
         return torch.utils.data.default_collate(list(items))

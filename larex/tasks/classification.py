@@ -30,6 +30,7 @@ class Classification(Task):
     targets: class indices (-1 for OOD). Aggregation: LaREx kNN entropy of the MC latents. Summary: accuracy."""
 
     name = "classification"
+    always_keys = ("labels",)  # the scores table, accuracy and the methods that fit on labels read them
     summary_requires = ("logits", "labels")
 
     def input_dataset(self, dataset, input_spec):
