@@ -282,7 +282,7 @@ def test_model_and_hooked_layer_configs_instantiate_and_vary(model_cfg, layers):
     x = torch.randn(2, 3, 32, 32)
     for name in layers:
         hl = OmegaConf.load(CONFIGS / "hooked_layer" / f"{name}.yaml")
-        assert set(hl) == {"name", "path", "mc_samples", "drop_prob", "block_size", "mask_seed", "masks"}
+        assert set(hl) == {"name", "path", "mc_samples", "drop_prob", "block_size", "mask_seed", "masks", "mask_norm"}
         fe = FeatureExtractor(net, hooked_layer=hl.path, head=cfg.model.head, mc_samples=3, keys=("latent",),
                               drop_prob=hl.drop_prob, block_size=hl.block_size)
         latent = fe.predict_step((x, torch.zeros(2), torch.arange(2)))["latent"]

@@ -666,10 +666,87 @@ def test_masks_mode_in_part_only_when_not_shared():
     before = {"producer": "larex.extraction.producers.monte_carlo.MonteCarlo", "keys": ["latent", "mc_logits"],
               "hooked_layer": "dropblock", "mc_samples": 8, "seed": 3, "drop_prob": 0.5, "block_size": 3,
               "reduction": "auto", "masks": "per-pass-v1"}
-    assert MonteCarlo("dropblock", 8, **kw).part == f"mc-{io.config_hash(before)}" == "mc-d45ce14ced104ef0"
-    assert MonteCarlo("dropblock", 8, masks="shared", **kw).part == "mc-d45ce14ced104ef0"
-    assert MonteCarlo("dropblock", 8, masks="per_image", **kw).part != "mc-d45ce14ced104ef0"
+    shared = MonteCarlo("dropblock", 8, masks="shared", mask_norm="per_mask", **kw)
+    assert shared.part == f"mc-{io.config_hash(before)}" == "mc-d45ce14ced104ef0"
+    assert MonteCarlo("dropblock", 8, masks="per_image", mask_norm="per_mask", **kw).part != "mc-d45ce14ced104ef0"
     ctx = {"seed": 3, "hooked_layer": {"path": "dropblock", "mc_samples": 8, "drop_prob": 0.5, "block_size": 3}}
+    default = MonteCarlo.from_plan(("latent",), [], ctx)  # the hooked_layer YAMLs' defaults
+    assert (default.masks, default.mask_norm) == ("per_image", "expected")
+    ctx["hooked_layer"]["masks"] = "shared"
     assert MonteCarlo.from_plan(("latent",), [], ctx).masks == "shared"
-    ctx["hooked_layer"]["masks"] = "per_image"
-    assert MonteCarlo.from_plan(("latent",), [], ctx).masks == "per_image"
+
+
+# ---------------------------------------------------------------- mask_norm="expected"
+
+from larex.extraction.mc import dropblock_keep_fraction  # noqa: E402
+
+
+def test_dropblock_keep_fraction_closed_form_and_dropblocks_own_factor():
+    # 7x7 map, block 3: a position's window holds 9 in-map positions inside, 6 on an edge, 4 at a corner
+    q = 1.0 - 0.5 / 9
+    assert dropblock_keep_fraction((7, 7), 0.5, 3) == pytest.approx((25 * q ** 9 + 20 * q ** 6 + 4 * q ** 4) / 49,
+                                                                    rel=1e-14)
+    # even block 4 on 5x5 (window rows i-2..i+1 after the crop): in-map counts per axis 2,3,4,4,3
+    q4 = 1.0 - 0.4 / 16
+    per_axis = [2, 3, 4, 4, 3]
+    want = sum(q4 ** (a * b) for a in per_axis for b in per_axis) / 25
+    assert dropblock_keep_fraction((5, 5), 0.4, 4) == pytest.approx(want, rel=1e-14)
+    q3 = 1.0 - 0.3 / 27  # 3-D, 2x2x2 map, block 3: every window covers the whole map
+    assert dropblock_keep_fraction((2, 2, 2), 0.3, 3) == pytest.approx(q3 ** 8, rel=1e-14)
+    assert dropblock_keep_fraction((7, 7), 0.0, 3) == 1.0
+    # dropblock 0.3.0's chunk-wide factor numel / kept over many masks tends to it
+    torch.manual_seed(0)
+    out = DropBlock2D(drop_prob=0.5, block_size=3).train()(torch.ones(20000, 1, 7, 7))
+    assert (out != 0).double().mean().item() == pytest.approx(dropblock_keep_fraction((7, 7), 0.5, 3), abs=3e-3)
+
+
+@pytest.mark.parametrize("masks", ["shared", "per_image"])
+def test_expected_norm_one_constant_scale_same_drops_and_batch_independent(masks):
+    layer = nn.Sequential(DropBlock2D(drop_prob=0.5, block_size=3))
+    x = torch.ones(64, 2, 7, 7)
+    imgs = _images(64, 1, 5)
+
+    def run(norm, idx):
+        with torch.inference_mode(), mc_mode(layer, samples=S, seed=SEED, masks=masks, mask_norm=norm):
+            xb = x[idx].repeat_interleave(S, 0)
+            if masks == "per_image":
+                with row_seeds(layer, image_seeds(imgs[idx], SEED)):
+                    return layer(xb).reshape(len(idx), S, 2, 7, 7)
+            return layer(xb).reshape(len(idx), S, 2, 7, 7)
+
+    ref = run("expected", torch.arange(64))
+    per_mask = run("per_mask", torch.arange(64))
+    assert torch.equal(ref == 0, per_mask == 0)  # same drops, only the gain differs
+    gain = torch.tensor(1.0 / dropblock_keep_fraction((7, 7), 0.5, 3), dtype=torch.float32)
+    assert torch.equal(ref[ref != 0].unique(), gain.reshape(1))
+    assert per_mask[per_mask != 0].unique().numel() > 3
+    for batch in (1, 7):
+        got = torch.cat([run("expected", torch.arange(i, min(i + batch, 64))) for i in range(0, 64, batch)])
+        assert torch.equal(got, ref)
+    # a fully dropped tiny map gives zeros, not NaN
+    tiny = nn.Sequential(DropBlock2D(drop_prob=0.9, block_size=3))
+    with torch.inference_mode(), mc_mode(tiny, samples=64, seed=SEED, mask_norm="expected"):
+        out = tiny(torch.ones(64, 1, 1, 1))
+    assert torch.isfinite(out).all() and (out == 0).any()
+    with pytest.raises(ValueError, match="mask_norm"):
+        with mc_mode(layer, samples=S, seed=SEED, mask_norm="chunk"):
+            pass
+
+
+def test_mask_norm_in_part_only_when_expected():
+    kw = dict(keys=("latent",), seed=3, drop_prob=0.5, block_size=3)
+    assert MonteCarlo("dropblock", 8, **kw).part == MonteCarlo("dropblock", 8, mask_norm="expected", **kw).part
+    per_mask = MonteCarlo("dropblock", 8, mask_norm="per_mask", **kw)
+    assert per_mask.part != MonteCarlo("dropblock", 8, **kw).part
+    assert "mask_norm" not in per_mask.identity()  # per_mask parts keep their hashes from before mask_norm
+    ctx = {"seed": 3, "hooked_layer": {"path": "dropblock", "mc_samples": 8, "mask_norm": "per_mask"}}
+    assert MonteCarlo.from_plan(("latent",), [], ctx).mask_norm == "per_mask"
+    with pytest.raises(ValueError, match="mask_norm"):
+        MonteCarlo("dropblock", 8, mask_norm="chunk", **kw)
+
+
+def test_keep_fraction_is_the_mean_kept_fraction_of_our_masks():
+    for shape, p, bs in (((9, 9), 0.4, 4), ((7, 7), 0.5, 3), ((3, 4, 5), 0.3, 2)):
+        db = (DropBlock3D if len(shape) == 3 else DropBlock2D)(drop_prob=p, block_size=bs)
+        mul, _ = deterministic_masks(db, (1, *shape), 20000, SEED, 0)
+        assert (mul != 0).double().mean().item() == pytest.approx(dropblock_keep_fraction(shape, p, bs), abs=4e-3)

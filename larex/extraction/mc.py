@@ -104,8 +104,37 @@ def _mask_shape_error(m: nn.Module, row_shape: tuple[int, ...], need: str) -> Va
                       f"shape {list(row_shape)} (the first input dimension must be the rows b*S + s)")
 
 
+MASK_NORMS = ("expected", "per_mask")
+
+
+def dropblock_keep_fraction(spatial: tuple[int, ...], drop_prob: float, block_size: int) -> float:
+    """Expected kept fraction of a DropBlock mask (dropblock 0.3.0 semantics) over a map of size ``spatial``.
+
+    A position is dropped when a seed (Bernoulli ``gamma = drop_prob / block_size**d``, d = len(spatial), at
+    every position of the map) lies in its block window, so it is kept with probability ``(1 - gamma)**c``, c the
+    number of in-map positions of its window (fewer at the borders; the even-size crop included). The result is
+    the mean of that over the map: the limit of dropblock's own normalisation ``numel / kept`` over a large
+    chunk of masks, and the DropBlock analogue of dropout's ``1 - p``.
+    """
+    d = len(spatial)
+    if drop_prob == 0.0:
+        return 1.0
+    gamma = drop_prob / block_size ** d
+    counts = torch.ones((), dtype=torch.float64)
+    for n in spatial:  # the window of position i spans i - bs//2 ... i - bs//2 + bs - 1 on each axis
+        start = torch.arange(n, dtype=torch.float64) - block_size // 2
+        per_axis = (start + block_size - 1).clamp(max=n - 1) - start.clamp(min=0) + 1
+        counts = counts[..., None] * per_axis
+    return float(torch.pow(1.0 - gamma, counts).mean())
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in MASK_NORMS:
+        raise ValueError(f"MC mask_norm={norm!r} is unknown; use one of {MASK_NORMS}")
+
+
 def deterministic_masks(module: nn.Module, row_shape: tuple[int, ...], samples: int, seed: int, ordinal: int,
-                        drop_prob: float | None = None, block_size: int | None = None
+                        drop_prob: float | None = None, block_size: int | None = None, norm: str = "per_mask"
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The S fixed masks of MC layer ``module`` for inputs whose rows have shape ``row_shape``.
 
@@ -117,8 +146,10 @@ def deterministic_masks(module: nn.Module, row_shape: tuple[int, ...], samples: 
 
     * DropBlock2D/3D (dropblock 0.3.0 semantics, one mask shared by all channels): seed mask
       ``u < drop_prob / block_size**d`` over the spatial dims, ``block = 1 - max_pool(seed, block_size,
-      stride 1, padding block_size // 2)`` (cropped by one at the end of each dim for even block sizes),
-      ``mul = block * (block.numel() / block.sum())`` per mask, or all zeros when the mask drops everything.
+      stride 1, padding block_size // 2)`` (cropped by one at the end of each dim for even block sizes), then
+      ``norm="per_mask"``: ``mul = block * (block.numel() / block.sum())`` per mask, or all zeros when the mask
+      drops everything; ``norm="expected"``: ``mul = block / dropblock_keep_fraction(...)``, one constant for
+      every mask (what dropblock's chunk-wide factor tends to over many masks).
     * Dropout: keep = ``u < 1 - p`` over the whole row shape, ``mul = keep / (1 - p)``.
       Dropout1d/2d/3d: one keep per channel, broadcast over the spatial dims.
     * AlphaDropout / FeatureAlphaDropout (keep per element / per channel): torch's formula, ``a = 1 /
@@ -132,13 +163,14 @@ def deterministic_masks(module: nn.Module, row_shape: tuple[int, ...], samples: 
     p, bs = _layer_params(module)
     p = p if drop_prob is None else float(drop_prob)
     bs = bs if block_size is None else int(block_size)
+    _check_norm(norm)
     gen = torch.Generator(device="cpu").manual_seed(mc_masks_seed(seed, ordinal, row_shape, samples))
     return _build_masks(module, row_shape, samples, p, bs, torch.device("cpu"),
-                        lambda shape: torch.rand((samples, *shape), generator=gen, dtype=torch.float64))
+                        lambda shape: torch.rand((samples, *shape), generator=gen, dtype=torch.float64), norm)
 
 
 def _build_masks(module: nn.Module, row_shape: tuple[int, ...], n: int, p: float, bs: int | None,
-                 device: torch.device, draw) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 device: torch.device, draw, norm: str = "per_mask") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` masks ``(mul, add)`` [n, *m] float64 on ``device`` from ``draw(shape)``: float64 uniforms in
     [0, 1) of shape ``[n, *shape]`` (called at most once). The mask semantics of :func:`deterministic_masks`."""
     f64 = dict(dtype=torch.float64, device=device)
@@ -157,6 +189,8 @@ def _build_masks(module: nn.Module, row_shape: tuple[int, ...], n: int, p: float
         if bs % 2 == 0:
             block = block[(..., *(slice(None, -1),) * d)]
         block = 1.0 - block  # [n, 1, *spatial]
+        if norm == "expected":
+            return block * (1.0 / dropblock_keep_fraction(tuple(spatial), p, bs)), None
         kept = block.flatten(1).sum(1)
         numel = float(math.prod(spatial))
         scale = torch.where(kept > 0, numel / kept.clamp_min(1.0), torch.zeros_like(kept))
@@ -257,8 +291,8 @@ def _hash_uniforms(row_keys: torch.Tensor, shape: tuple[int, ...]) -> torch.Tens
 
 
 def per_image_masks(module: nn.Module, row_shape: tuple[int, ...], seeds: torch.Tensor, passes: torch.Tensor,
-                    ordinal: int, drop_prob: float | None = None, block_size: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    ordinal: int, drop_prob: float | None = None, block_size: int | None = None,
+                    norm: str = "per_mask") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Masks ``(mul, add)`` [R, *m] float64 (on ``seeds``' device) of MC layer ``module`` for R rows whose
     image seeds (:func:`image_seeds`) are ``seeds`` [R] and pass indices ``passes`` [R].
 
@@ -267,9 +301,8 @@ def per_image_masks(module: nn.Module, row_shape: tuple[int, ...], seeds: torch.
     (version, ordinal, len(row_shape), *row_shape), the element's flat position the counter. So a row's mask is a
     function of (image, run seed, pass, layer, row shape) only; the number of passes S is not mixed in (the first
     S passes of S' > S are the S passes) nor are ``drop_prob`` / ``block_size`` (common random numbers). The mask
-    semantics (DropBlock seed mask shared by channels, max-pool expansion with the even-size crop, per-mask
-    scale numel / kept, zeros when all dropped; dropout per element or per channel; alpha dropouts) are those
-    of :func:`deterministic_masks`.
+    semantics (DropBlock seed mask shared by channels, max-pool expansion with the even-size crop, scale per
+    ``norm``; dropout per element or per channel; alpha dropouts) are those of :func:`deterministic_masks`.
     """
     row_shape = tuple(int(d) for d in row_shape)
     seeds = seeds.to(torch.int64).reshape(-1)
@@ -279,9 +312,10 @@ def per_image_masks(module: nn.Module, row_shape: tuple[int, ...], seeds: torch.
     p, bs = _layer_params(module)
     p = p if drop_prob is None else float(drop_prob)
     bs = bs if block_size is None else int(block_size)
+    _check_norm(norm)
     keys = _splitmix64_t(_splitmix64_t(seeds ^ _layer_key(ordinal, row_shape)) ^ passes)
     return _build_masks(module, row_shape, seeds.shape[0], p, bs, seeds.device,
-                        lambda shape: _hash_uniforms(keys, tuple(shape)))
+                        lambda shape: _hash_uniforms(keys, tuple(shape)), norm)
 
 
 _ENGINES: dict[int, list["_MaskEngine"]] = {}  # id(model) -> engines of its open per_image mc_mode contexts
@@ -310,8 +344,8 @@ def row_seeds(model: nn.Module, seeds: torch.Tensor) -> Iterator[None]:
 class _MaskEngine:
     """Cache of deterministic masks for one ``mc_mode`` context; patches each MC layer's ``forward``."""
 
-    def __init__(self, samples: int, seed: int, masks: str = "shared") -> None:
-        self.samples, self.seed, self.mode = samples, seed, masks
+    def __init__(self, samples: int, seed: int, masks: str = "shared", norm: str = "per_mask") -> None:
+        self.samples, self.seed, self.mode, self.norm = samples, seed, masks, norm
         self.image_seeds: torch.Tensor | None = None  # per_image: seeds [B] of the current forward's images
         self._cpu: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._dev: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -328,7 +362,8 @@ class _MaskEngine:
         with torch.inference_mode(False), torch.no_grad():
             cpu = self._cpu.get(key)
             if cpu is None:
-                cpu = self._cpu[key] = deterministic_masks(m, row_shape, self.samples, self.seed, ordinal)
+                cpu = self._cpu[key] = deterministic_masks(m, row_shape, self.samples, self.seed, ordinal,
+                                                           norm=self.norm)
             mul, add = cpu
             hit = (mul.to(device=device, dtype=dtype),
                    None if add is None else add.to(device=device, dtype=dtype))
@@ -374,7 +409,7 @@ class _MaskEngine:
         with torch.no_grad():
             per_row = seeds.to(dev).repeat_interleave(s)
             passes = torch.arange(rows, device=dev, dtype=torch.int64) % s
-            mul, add = per_image_masks(m, tuple(x.shape[1:]), per_row, passes, ordinal)
+            mul, add = per_image_masks(m, tuple(x.shape[1:]), per_row, passes, ordinal, norm=self.norm)
             mul = mul.to(device=x.device, dtype=x.dtype)
             add = None if add is None else add.to(device=x.device, dtype=x.dtype)
         out = x * mul
@@ -383,8 +418,8 @@ class _MaskEngine:
 
 @contextmanager
 def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | None = None, *,
-            samples: int | None = None, seed: int | None = None, masks: str = "shared"
-            ) -> Iterator[list[tuple[str, nn.Module]]]:
+            samples: int | None = None, seed: int | None = None, masks: str = "shared",
+            mask_norm: str = "per_mask") -> Iterator[list[tuple[str, nn.Module]]]:
     """Whole model in eval, only its MC layers in train mode; yields ``mc_modules(model)``.
 
     BatchNorm, spectral-norm power iterations etc. stay in eval, so a pass changes no buffer.
@@ -409,6 +444,11 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
     masks per image as in classic MC dropout, still independent of the batch (a duplicated image gets its
     copy's masks). Drawn per forward (no cache), on the input's device, integer hashing only.
 
+    ``mask_norm`` (deterministic masks, DropBlock layers): ``"per_mask"`` scales each mask by its own
+    ``numel / kept``; ``"expected"`` by the constant ``1 / dropblock_keep_fraction`` (the limit of dropblock's
+    chunk-wide factor, so masks vary only in where they drop, not in their gain). Dropouts always use
+    ``1 / (1 - p)``.
+
     Raises:
         ValueError: the model has no MC layer, an override is out of range, or only one of
             ``samples``/``seed`` is given or they are not integers (samples >= 1).
@@ -429,6 +469,7 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
         raise ValueError(f"mc_mode masks={masks!r} is unknown; use one of {MASK_MODES}")
     if masks != "shared" and samples is None:
         raise ValueError(f"mc_mode masks={masks!r} needs samples and seed (deterministic masks)")
+    _check_norm(mask_norm)
     engine = None
     saved: list[tuple[nn.Module, str, object]] = []
     patched: list[tuple[nn.Module, bool, object]] = []
@@ -444,7 +485,7 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
                     saved.append((m, "block_size", m.block_size))
                     m.block_size = int(block_size)
             if samples is not None:
-                engine = _MaskEngine(samples, seed, masks)
+                engine = _MaskEngine(samples, seed, masks, mask_norm)
                 if masks == "per_image":
                     _ENGINES.setdefault(id(model), []).append(engine)
                 for ordinal, (name, m) in enumerate(layers):

@@ -6,13 +6,14 @@ as one forward of the batch repeated S times (row ``b*S + s`` is image b, pass s
 ``mc_batch`` rows; by default (``share_prefix``) the layers before the first MC layer run once per image and only
 the rest runs on the S-fold batch. BatchNorm stays in eval, so this equals S separate passes.
 
-Masks: pass s of every image uses the same mask s, drawn from ``seed`` for each MC layer and input shape
-(:func:`larex.extraction.mc.mc_mode` with ``samples``/``seed``), with per-mask normalisation. So an image's
-latents depend only on the image and the seed -- not on the batch size, the order, ``mc_batch`` or the other
-images -- and a deployed detector scores an image alone as it scores it in a batch. The global RNG is untouched.
-With ``masks="per_image"`` (``hooked_layer.masks``) every image gets its own S masks instead, as in classic MC
-dropout, drawn from a hash of the image's bytes and ``seed`` (:func:`larex.extraction.mc.image_seeds`), so they
-are still independent of the batch.
+Masks (``hooked_layer.masks``): by default (``per_image``) every image gets its own S masks, as in classic MC
+dropout, drawn from a hash of the image's bytes and ``seed`` (:func:`larex.extraction.mc.image_seeds`); with
+``shared`` pass s of every image uses the same mask s, drawn from ``seed`` per MC layer and input shape. Either
+way an image's latents depend only on the image and the seed -- not on the batch size, the order, ``mc_batch``
+or the other images -- so a deployed detector scores an image alone as it scores it in a batch; the global RNG is
+untouched (:func:`larex.extraction.mc.mc_mode`). ``hooked_layer.mask_norm`` sets the DropBlock gain: ``expected``
+(default; one constant, the limit of dropblock 0.3.0's batch-wide factor) or ``per_mask`` (each mask by its own
+kept fraction).
 If ``mc_logits`` is not requested, each MC pass stops right after the hooked layer.
 """
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 from torch import nn
 
 from larex.extraction.hooks import capture_output, resolve_module
-from larex.extraction.mc import (MASK_MODES, REDUCTIONS, check_overrides, image_seeds, mc_mode, reduce_activation,
-                                 require_mc_modules, row_seeds)
+from larex.extraction.mc import (MASK_MODES, MASK_NORMS, REDUCTIONS, check_overrides, image_seeds, mc_mode,
+                                 reduce_activation, require_mc_modules, row_seeds)
 from larex.extraction.producers.base import Producer, first_tensor, logits_of
 
 
@@ -40,14 +41,17 @@ class MonteCarlo(Producer):
     extraction, None = as trained), mc_batch (rows per MC forward; does not change the result), reduction,
     share_prefix (run the layers before the first MC layer once per image; falls back to S full passes, with a
     warning, when later layers reuse earlier activations, e.g. a skip connection around the dropout), masks
-    ("shared": pass s of every image uses mask s; "per_image": each image its own masks, from its bytes and seed)."""
+    ("shared": pass s of every image uses mask s; "per_image": each image its own masks, from its bytes and seed),
+    mask_norm (DropBlock scale: "expected" = one constant, 1 / expected kept fraction; "per_mask" = each mask by
+    its own kept fraction)."""
 
     name = "mc"
     provides = ("latent", "mc_logits")
 
     def __init__(self, hooked_layer: str, mc_samples: int = 16, keys=("latent",), seed: int = 0,
                  drop_prob: float | None = None, block_size: int | None = None, mc_batch: int | None = None,
-                 reduction: str = "auto", share_prefix: bool = True, masks: str = "shared"):
+                 reduction: str = "auto", share_prefix: bool = True, masks: str = "per_image",
+                 mask_norm: str = "expected"):
         keys = tuple(k for k in self.provides if k in keys)
         if not keys:
             raise ValueError(f"MonteCarlo produces {self.provides}; got keys {keys}")
@@ -61,7 +65,10 @@ class MonteCarlo(Producer):
         check_overrides(drop_prob, block_size)
         if masks not in MASK_MODES:
             raise ValueError(f"MonteCarlo masks={masks!r} is unknown; use one of {MASK_MODES}")
+        if mask_norm not in MASK_NORMS:
+            raise ValueError(f"MonteCarlo mask_norm={mask_norm!r} is unknown; use one of {MASK_NORMS}")
         self.masks = masks
+        self.mask_norm = mask_norm
         self.hooked_layer = hooked_layer
         self.mc_samples = mc_samples
         self.seed = seed
@@ -80,13 +87,17 @@ class MonteCarlo(Producer):
                    seed=int(hl["mask_seed"] if hl.get("mask_seed") is not None else context.get("seed", 0)),
                    drop_prob=hl.get("drop_prob"),
                    block_size=hl.get("block_size"), mc_batch=(context.get("extract") or {}).get("mc_batch"),
-                   reduction=str(hl.get("reduction", "auto")), masks=str(hl.get("masks", "shared")))
+                   reduction=str(hl.get("reduction", "auto")), masks=str(hl.get("masks", "per_image")),
+                   mask_norm=str(hl.get("mask_norm", "expected")))
 
     def identity(self):
-        return {"keys": sorted(self.keys), "hooked_layer": self.hooked_layer, "mc_samples": self.mc_samples,
-                "seed": self.seed, "drop_prob": self.drop_prob, "block_size": self.block_size,
-                "reduction": self.reduction,
-                "masks": "per-pass-v1" if self.masks == "shared" else "per-image-v1"}  # shared: hashes as before
+        ident = {"keys": sorted(self.keys), "hooked_layer": self.hooked_layer, "mc_samples": self.mc_samples,
+                 "seed": self.seed, "drop_prob": self.drop_prob, "block_size": self.block_size,
+                 "reduction": self.reduction,
+                 "masks": "per-pass-v1" if self.masks == "shared" else "per-image-v1"}  # shared: hashes as before
+        if self.mask_norm != "per_mask":  # per_mask parts keep the hashes they had before mask_norm existed
+            ident["mask_norm"] = self.mask_norm
+        return ident
 
     def setup(self, model):
         resolve_module(model, self.hooked_layer)
@@ -98,7 +109,8 @@ class MonteCarlo(Producer):
         want_latent, want_logits = "latent" in self.keys, "mc_logits" in self.keys
         layer = resolve_module(model, self.hooked_layer)
         with torch.inference_mode(), \
-                mc_mode(model, self.drop_prob, self.block_size, samples=s, seed=self.seed, masks=self.masks) as layers:
+                mc_mode(model, self.drop_prob, self.block_size, samples=s, seed=self.seed, masks=self.masks,
+                        mask_norm=self.mask_norm) as layers:
             active = any(float(getattr(m, "drop_prob", getattr(m, "p", 0.0))) > 0 for _, m in layers)
             latents, logits = [], []
             if self.share_prefix and self._prefix_ok is not False:
