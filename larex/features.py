@@ -149,7 +149,9 @@ for _spec in (
     FeatureSpec("odin_logits", "image", 2, f"{_P}.odin.ODIN", "logits of ODIN-perturbed inputs [N, C]", _CLS),
     FeatureSpec("head.weight", "model", 2, f"{_P}.head.Head", "final linear layer weight [C, F]", _CLS),
     FeatureSpec("head.bias", "model", 1, f"{_P}.head.Head", "final linear layer bias [C]", _CLS),
-    FeatureSpec("entropy", "image", 2, "stage:aggregate", "LaREx entropy of latent over the S samples [N, D]"),
+    FeatureSpec("entropy", "image", 2, "stage:aggregate",
+                "LaREx entropy of latent over the S samples [N, D] (estimator: configs/estimator)"),
+    FeatureSpec("latent_mean", "image", 2, "stage:aggregate", "MC mean of latent over the S samples [N, D]"),
     FeatureSpec("image_index", "box", 1, "stage:extract", "image row of each box row [M]"),
 ):
     register(_spec)

@@ -189,3 +189,42 @@ def test_truncated_shard_is_named_and_repaired_alone(pipeline):
     assert shards[0].stat().st_mtime_ns == stamps[shards[0].name]  # the good shards were not rewritten
     assert shards[2].stat().st_mtime_ns == stamps[shards[2].name]
     cli("larex-aggregate", *tiny(out), cwd=work)
+
+
+VAL_OOD = "fmnist_holdout_val" if DATASET == "fashion_mnist" else "digits_holdout_val"
+
+
+def test_estimator_feature_set_and_validation_ood(pipeline):
+    """estimator=gaussian and LaRED on [entropy, latent_mean] reuse the extraction (only the validation OOD set is
+    new); val_metrics.csv holds ID val vs the validation OOD set, recomputable from the cached scores."""
+    from sklearn.metrics import roc_auc_score
+
+    from larex import io
+
+    work, out, _ = pipeline
+    layer = layer_dir(out)
+    extract = only(layer.glob("extract-*"))
+    p = cli("larex-run", *tiny(out), "estimator=gaussian", "postprocessor=[lared]",
+            "postprocessor.lared.features=[entropy,latent_mean]", f"evaluate.val_ood=[{VAL_OOD}]", cwd=work)
+    assert only(layer.glob("extract-*")) == extract
+    extracted = [ln for ln in p.stdout.splitlines() if ln.startswith("[extract]") and "rows" in ln]
+    assert len(extracted) == 1 and f"val_ood/{VAL_OOD}" in extracted[0]
+    lat = io.read_features(part_dirs(extract / "val")["mc"], ["latent"])["latent"].astype(np.float64)
+    agg_dir = next(d for d in layer.glob("aggregate-*") if set(io.load_arrays(d / "val.safetensors")) == {
+        "entropy", "latent_mean"})
+    agg = io.load_arrays(agg_dir / "val.safetensors")
+    want = 0.5 * np.log(2 * np.pi * np.e * np.maximum(lat.std(axis=1, ddof=1), 1e-5) ** 2)
+    np.testing.assert_allclose(agg["entropy"], want, rtol=1e-12)
+    np.testing.assert_allclose(agg["latent_mean"], lat.mean(axis=1), rtol=0, atol=1e-12)
+    ev = latest(out)
+    val = pd.read_csv(ev / "val_metrics.csv")
+    assert list(val["ood"]) == [VAL_OOD, "mean"] and list(val["method"]) == ["lared", "lared"]
+    scores = next(df for df in map(pd.read_parquet, (layer / "scores").glob("lared-*.parquet"))
+                  if f"val_ood/{VAL_OOD}" in set(df["split"]))
+    id_s, ood_s = (scores.loc[scores["split"] == s, "score"].to_numpy() for s in ("val", f"val_ood/{VAL_OOD}"))
+    want_auroc = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
+    assert val.loc[0, "auroc"] == pytest.approx(want_auroc, abs=1e-12)
+    assert "## Validation" in (ev / "results.md").read_text()
+    assert VAL_OOD not in set(pd.read_csv(ev / "metrics.csv")["ood"])  # never reported as a test result
+    bad = cli("larex-run", *tiny(out), f"evaluate.val_ood=[{OODS[0]}]", cwd=work, check=False)
+    assert bad.returncode == 1 and "also reported as OOD test sets" in bad.stdout + bad.stderr

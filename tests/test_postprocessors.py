@@ -261,7 +261,7 @@ def test_fitted_state_roundtrip_through_safetensors(make):
 
 def test_get_params_and_bad_hyperparameters():
     assert LaREM(pca=4, shrinkage=0.2).get_params() == {
-        "pca": 4, "standardize": False, "shrinkage": 0.2, "pca_candidates": None
+        "pca": 4, "standardize": False, "shrinkage": 0.2, "pca_candidates": None, "features": ("entropy",)
     }
     assert LaRED().get_params()["bandwidth"] == "auto"
     for bad in (dict(bandwidth=-1.0), dict(bandwidth="silverman"), dict(pca=1.5), dict(pca=0), dict(chunk_size=0)):
@@ -269,6 +269,26 @@ def test_get_params_and_bad_hyperparameters():
             LaRED(**bad)
     with pytest.raises(ValueError):
         LaREM(shrinkage="oas")
+
+
+@pytest.mark.parametrize("cls", [LaRED, LaREM])
+def test_feature_sets_concatenate_the_keys(cls):
+    rng = np.random.default_rng(4)
+    fit = {"entropy": rng.normal(size=(300, 5)), "latent_mean": rng.normal(size=(300, 3)) * 10 + 2}
+    test = {"entropy": rng.normal(size=(50, 5)), "latent_mean": rng.normal(size=(50, 3)) * 10 + 2}
+    kw = dict(pca=None, standardize=True, **({"bandwidth": 0.7} if cls is LaRED else {}))
+    both = cls(features=["entropy", "latent_mean"], **kw)
+    assert both.requires == both.fit_requires == ("entropy", "latent_mean")
+    got = both.fit(fit).score(test)
+    # the same as the method on one key holding the columns side by side
+    cat = lambda f: {"entropy": np.concatenate([f["entropy"], f["latent_mean"]], axis=1)}  # noqa: E731
+    np.testing.assert_allclose(got, cls(**kw).fit(cat(fit)).score(cat(test)), rtol=1e-12)
+    mean_only = cls(features=["latent_mean"], **kw).fit(fit)
+    np.testing.assert_array_equal(mean_only.score({"latent_mean": test["latent_mean"]}),
+                                  cls(**kw).fit({"entropy": fit["latent_mean"]}).score({"entropy": test["latent_mean"]}))
+    for bad in ([], ["entropy", "entropy"], ["logits"]):
+        with pytest.raises(ValueError, match="features"):
+            cls(features=bad)
 
 
 def test_fit_free_subclass_and_missing_score():

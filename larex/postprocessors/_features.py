@@ -82,6 +82,28 @@ def check_positive_int(v: int, name: str, arg: str) -> int:
     return int(v)
 
 
+LAREX_FEATURES = ("entropy", "latent_mean")
+"""Feature keys LaRED / LaREM may model (``features: [entropy, latent_mean]`` concatenates them)."""
+
+
+def check_feature_set(features, name: str) -> tuple[str, ...]:
+    """``features`` as a tuple of distinct keys among :data:`LAREX_FEATURES`, or ValueError."""
+    if isinstance(features, str):
+        features = (features,)
+    keys = tuple(str(k) for k in features)
+    if not keys or len(set(keys)) != len(keys) or not set(keys) <= set(LAREX_FEATURES):
+        raise ValueError(f"{name}: features must be a non-empty list of distinct keys among {LAREX_FEATURES} "
+                         f"(concatenated per row); got {list(features)}")
+    return keys
+
+
+def stacked(arrays: dict[str, np.ndarray], keys: tuple[str, ...]) -> np.ndarray:
+    """The arrays of ``keys`` side by side, [N, sum D_k] float64 (one key: no copy when already float64)."""
+    if len(keys) == 1:
+        return f64(arrays[keys[0]])
+    return np.concatenate([f64(arrays[k]) for k in keys], axis=1)
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     """Row slices of at most ``size`` rows covering ``range(n)``."""
     for start in range(0, n, size):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from larex.postprocessors._features import check_feature_set, stacked
 from larex.postprocessors.base import Postprocessor
 from larex.postprocessors.pca import PCAReducer
 
@@ -38,6 +39,8 @@ class LaRED(Postprocessor):
         standardize: z-score each entropy dimension with fit-split mean/std before PCA/KDE. The entropy
             of different channels lives on different scales (it shifts by log of the activation scale),
             and an isotropic kernel would otherwise be dominated by the widest dimensions.
+        features: the feature keys modelled, concatenated per row: ``entropy`` (LaREx), ``latent_mean`` (MC
+            mean of the latent), or both.
         pca_candidates: sizes tried by ``pca="auto"`` (default grid of :class:`PCAReducer`).
 
     Fitted: ``reducer_``, ``bandwidth_``, ``bandwidth_selection_`` ({h: mean val log-density}, "auto" only).
@@ -55,7 +58,10 @@ class LaRED(Postprocessor):
         chunk_size: int = 4096,
         standardize: bool = True,
         pca_candidates: Sequence[int] | None = None,
+        features: Sequence[str] = ("entropy",),
     ) -> None:
+        self.features = check_feature_set(features, "LaRED")
+        self.requires = self.features
         if isinstance(bandwidth, str):
             if bandwidth not in ("auto", "scott"):
                 raise ValueError(f"bandwidth must be a float > 0, 'scott' or 'auto', got {bandwidth!r}")
@@ -92,9 +98,9 @@ class LaRED(Postprocessor):
                 "validation split: call fit(fit_feats, val=val_feats), or set fixed values "
                 "(pca: int/null, bandwidth: float/'scott')"
             )
-        x_val = None if val is None else val["entropy"]
-        self.reducer_ = self._new_reducer().fit(arrays["entropy"], val=x_val if self.pca == "auto" else None)
-        points = self.reducer_.transform(arrays["entropy"])
+        x, x_val = stacked(arrays, self.features), None if val is None else stacked(val, self.features)
+        self.reducer_ = self._new_reducer().fit(x, val=x_val if self.pca == "auto" else None)
+        points = self.reducer_.transform(x)
         self._set_points(points)
         self.bandwidth_selection_: dict[float, float] = {}
         if isinstance(self.bandwidth, float):
@@ -110,7 +116,7 @@ class LaRED(Postprocessor):
         self.bandwidth_ = float(grid[int(np.argmax(ll))])
 
     def _score(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        return self._log_density(self.reducer_.transform(arrays["entropy"]), [self.bandwidth_])[:, 0]
+        return self._log_density(self.reducer_.transform(stacked(arrays, self.features)), [self.bandwidth_])[:, 0]
 
     # ------------------------------------------------------------------ KDE core
     def _set_points(self, points: np.ndarray) -> None:

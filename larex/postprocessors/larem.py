@@ -14,6 +14,7 @@ import numpy as np
 from scipy.linalg import pinvh
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf, ShrunkCovariance
 
+from larex.postprocessors._features import check_feature_set, stacked
 from larex.postprocessors.base import Postprocessor
 from larex.postprocessors.pca import PCAReducer
 
@@ -28,6 +29,8 @@ class LaREM(Postprocessor):
             distance itself is scale-invariant; this only changes which directions PCA keeps.
         shrinkage: "ledoit_wolf" (sklearn ``LedoitWolf``, data-driven coefficient), a fixed
             coefficient in [0, 1] (sklearn ``ShrunkCovariance``), or None (empirical covariance).
+        features: the feature keys modelled, concatenated per row: ``entropy`` (LaREx), ``latent_mean`` (MC
+            mean of the latent), or both.
         pca_candidates: sizes tried by ``pca="auto"``.
 
     Fitted: ``reducer_``, ``location_`` [k], ``covariance_`` [k, k], ``precision_`` [k, k],
@@ -43,7 +46,10 @@ class LaREM(Postprocessor):
         standardize: bool = False,
         shrinkage: str | float | None = "ledoit_wolf",
         pca_candidates: Sequence[int] | None = None,
+        features: Sequence[str] = ("entropy",),
     ) -> None:
+        self.features = check_feature_set(features, "LaREM")
+        self.requires = self.features
         if isinstance(shrinkage, str):
             if shrinkage != "ledoit_wolf":
                 raise ValueError(f"shrinkage must be 'ledoit_wolf', a float in [0, 1] or None, got {shrinkage!r}")
@@ -66,10 +72,10 @@ class LaREM(Postprocessor):
                 "LaREM(pca=auto) chooses the PCA size on the ID validation split: call "
                 "fit(fit_feats, val=val_feats), or set pca to an int, a variance fraction or null"
             )
-        x = arrays["entropy"]
+        x = stacked(arrays, self.features)
         if x.shape[0] < 2:
             raise ValueError(f"LaREM needs at least 2 fit samples to estimate a covariance, got {x.shape[0]}")
-        self.reducer_ = self._new_reducer().fit(x, val=val["entropy"] if self.pca == "auto" else None)
+        self.reducer_ = self._new_reducer().fit(x, val=stacked(val, self.features) if self.pca == "auto" else None)
         z = self.reducer_.transform(x)
         if self.shrinkage == "ledoit_wolf":
             est = LedoitWolf(store_precision=False).fit(z)
@@ -86,7 +92,7 @@ class LaREM(Postprocessor):
         self.precision_ = 0.5 * (prec + prec.T)
 
     def _score(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
-        diff = self.reducer_.transform(arrays["entropy"]) - self.location_
+        diff = self.reducer_.transform(stacked(arrays, self.features)) - self.location_
         return -np.einsum("ij,ij->i", diff @ self.precision_, diff)
 
     def _fitted_state(self) -> dict[str, np.ndarray]:

@@ -51,6 +51,26 @@ def metrics_table(all_scores: Mapping[str, Mapping[str, np.ndarray]], oods: list
     return pd.concat([df, mean], ignore_index=True), flat
 
 
+def validation_table(all_scores: Mapping[str, Mapping[str, np.ndarray]], val_oods: list[str],
+                     tpr: float) -> tuple[pd.DataFrame, dict[str, float]]:
+    """ID ``val`` vs each validation OOD set (``val_ood/<name>``), per method, plus a ``mean`` row per method:
+    what model-selection choices are made on (never the test sets). Flat MLflow metrics ``val/<ood>/<method>/<m>``."""
+    rows, flat = [], {}
+    for name, scores in all_scores.items():
+        for ood in val_oods:
+            m = metrics.ood_metrics(scores["val"], scores[f"val_ood/{ood}"], tpr=tpr)
+            rows.append({"ood": ood, "method": name, **m})
+    df = pd.DataFrame(rows, columns=["ood", "method", *METRIC_COLUMNS])
+    if df.empty:
+        return df, flat
+    mean = df.groupby("method", sort=False)[list(METRIC_COLUMNS)].mean().reset_index()
+    mean.insert(0, "ood", "mean")
+    df = pd.concat([df, mean], ignore_index=True)
+    for _, r in df.iterrows():
+        flat.update({f"val/{r['ood']}/{r['method']}/{k}": float(r[k]) for k in METRIC_COLUMNS})
+    return df, flat
+
+
 def _marked_rows(df: pd.DataFrame, col: str, better: str, mark) -> list[tuple[str, list[str]]]:
     """(method, cells) per method for metric ``col``; the best value of each OOD column passed through ``mark``."""
     oods = list(dict.fromkeys(df["ood"]))
@@ -81,9 +101,11 @@ def results_tables(df: pd.DataFrame, title: str) -> list[Table]:
     return tables
 
 
-def results_markdown(df: pd.DataFrame, title: str, summary: Mapping[str, float] | None = None) -> str:
+def results_markdown(df: pd.DataFrame, title: str, summary: Mapping[str, float] | None = None,
+                     val: pd.DataFrame | None = None) -> str:
     """Every metric as a Markdown table (method × OOD set, best per column in bold), for the run folder and
-    MLflow; the console shows AUROC and FPR95 only."""
+    MLflow; the console shows AUROC and FPR95 only. ``val``: the validation table (:func:`validation_table`),
+    added as its own AUROC / FPR95 section."""
     oods = list(dict.fromkeys(df["ood"]))
     lines = [f"# {title}", ""]
     if summary:
@@ -95,6 +117,14 @@ def results_markdown(df: pd.DataFrame, title: str, summary: Mapping[str, float] 
         for method, cells in _marked_rows(df, col, better, lambda v: f"**{v}**"):
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
+    if val is not None and not val.empty:
+        vals = list(dict.fromkeys(val["ood"]))
+        lines += ["## Validation (ID val vs validation OOD sets; choices are made here, never on the tables above)", ""]
+        for col, better in (("auroc", "max"), ("fpr95", "min")):
+            lines += [f"### {col.upper()}", "", "| method | " + " | ".join(vals) + " |", "|---|" + "---:|" * len(vals)]
+            for method, cells in _marked_rows(val, col, better, lambda v: f"**{v}**"):
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
-"""Aggregate stage: the Task's aggregation steps per split (classification: LaREx entropy of the MC latents).
+"""Aggregate stage: the Task's aggregation steps per split (classification: LaREx entropy of the MC latents by
+the configured estimator, and their MC mean).
 
 Input: the extracted parts holding the steps' inputs (``latent`` [N, S, D]). Output:
-``aggregate-<hash>/<split>.safetensors`` with each step's output (``entropy`` [N, D], float64) and the config hash
+``aggregate-<hash>/<split>.safetensors`` with the needed steps' outputs (``entropy`` [N, D] float64,
+``latent_mean`` [N, D]) and the config hash
 in the file's metadata. Shards are processed one at a time, so memory is bounded by the shard size. A corrupt
 input shard fails with the file named and the command that repairs it.
 """
@@ -29,10 +31,10 @@ def split_outputs(run: common.Run, split: str, steps) -> dict[str, np.ndarray]:
         directory = layout.part_dir(split, parts.pop())
         for shard in io.iter_shards(directory, list(step.inputs)):
             out.setdefault(step.output, []).append(np.asarray(step.fn(shard)))
-        if step.output not in out:  # an empty split
+        if step.output not in out:  # an empty split: the step on zero rows of the recorded shape
             m = io.read_manifest(directory) or {}
-            d = (m.get("keys", {}).get(step.inputs[0], {}).get("shape") or [0, 0, 0])[-1]
-            out[step.output] = [np.zeros((0, d))]
+            shape = m.get("keys", {}).get(step.inputs[0], {}).get("shape") or [0, 2, 0]
+            out[step.output] = [np.asarray(step.fn({k: np.zeros((0, *shape[1:])) for k in step.inputs}))]
     return {k: np.concatenate(v) for k, v in out.items()}
 
 

@@ -120,14 +120,23 @@ def load_packaged_option(group: str, name: str) -> DictConfig:
 
 
 def ensure_ood(cfg: DictConfig) -> DictConfig:
-    """Make ``cfg.ood`` hold the OOD sets: the ``+ood=[...]`` selection, else ``dataset.default_ood``."""
-    if cfg.get("ood"):
-        return cfg
-    names = list(cfg.dataset.get("default_ood") or [])
-    if not names:
-        raise ConfigError("no OOD sets: add +ood=[name,...] (see configs/ood/) or set dataset.default_ood")
-    with open_dict(cfg):
-        cfg.ood = {n: load_packaged_option("ood", n) for n in names}
+    """Make ``cfg.ood`` hold the OOD sets (the ``+ood=[...]`` selection, else ``dataset.default_ood``) and
+    ``cfg.val_ood`` the validation OOD sets named in ``evaluate.val_ood`` (configs/ood options; disjoint from the
+    reported ones)."""
+    if not cfg.get("ood"):
+        names = list(cfg.dataset.get("default_ood") or [])
+        if not names:
+            raise ConfigError("no OOD sets: add +ood=[name,...] (see configs/ood/) or set dataset.default_ood")
+        with open_dict(cfg):
+            cfg.ood = {n: load_packaged_option("ood", n) for n in names}
+    val_names = list((cfg.get("evaluate") or {}).get("val_ood") or [])
+    if val_names and cfg.get("val_ood") is None:
+        clash = sorted(set(val_names) & set(cfg.ood.keys()))
+        if clash:
+            raise ConfigError(f"evaluate.val_ood {clash} also reported as OOD test sets: choices made on them would be "
+                              "tuned on test; use validation OOD sets disjoint from +ood / dataset.default_ood")
+        with open_dict(cfg):
+            cfg.val_ood = {n: load_packaged_option("ood", n) for n in val_names}
     return cfg
 
 
@@ -135,8 +144,13 @@ def ood_names(cfg: DictConfig) -> list[str]:
     return list(ensure_ood(cfg).ood.keys())
 
 
+def val_ood_names(cfg: DictConfig) -> list[str]:
+    """Validation OOD sets (``evaluate.val_ood``): scored against ID ``val``, never reported as test results."""
+    return list((ensure_ood(cfg).get("val_ood") or {}).keys())
+
+
 def all_splits(cfg: DictConfig) -> list[str]:
-    return [*ID_SPLITS, *(f"ood/{n}" for n in ood_names(cfg))]
+    return [*ID_SPLITS, *(f"ood/{n}" for n in ood_names(cfg)), *(f"val_ood/{n}" for n in val_ood_names(cfg))]
 
 
 def split_spec(cfg: DictConfig, split: str) -> DictConfig:
@@ -144,12 +158,14 @@ def split_spec(cfg: DictConfig, split: str) -> DictConfig:
         return cfg.dataset.splits[split]
     if split.startswith("ood/"):
         return ensure_ood(cfg).ood[split[4:]]
+    if split.startswith("val_ood/") and split[8:] in val_ood_names(cfg):
+        return cfg.val_ood[split[8:]]
     raise ConfigError(f"unknown split {split!r}; expected one of {all_splits(cfg)}")
 
 
 def split_limit(cfg: DictConfig, split: str, stage: str = "extract") -> int | None:
     """Subsample size of a split: ``train.limit.<split>`` for training, ``limit.<split>`` for extraction."""
-    key = "ood" if split.startswith("ood/") else split
+    key = "ood" if split.startswith(("ood/", "val_ood/")) else split
     limits = cfg.train.limit if stage == "train" else cfg.limit
     return limits.get(key)
 
@@ -250,7 +266,10 @@ def producer_context(cfg: DictConfig) -> dict:
 
 
 def aggregate_params(cfg: DictConfig) -> dict:
-    return {"k": cfg.aggregate.k, "min_dist": float(cfg.aggregate.min_dist),
+    """What the Task's aggregation steps are built from: the estimator (``aggregate.estimator``, from
+    ``configs/estimator``) instantiated, and the device."""
+    est = cfg.aggregate.get("estimator")
+    return {"estimator": None if est is None else instantiate(est),
             "device": str(resolve_device(str(cfg.aggregate.device)))}
 
 
@@ -340,8 +359,8 @@ def prepare(cfg: DictConfig) -> Run:
     splits = all_splits(cfg)
     ex_hash = extract_hash(cfg)
     latent_parts = sorted({plan.parts[i] for k in derived if k in requests for i in derived[k] if i in plan.parts})
-    agg_hash = io.config_hash({"extract": ex_hash, "inputs": latent_parts,
-                               "steps": [dict(s.identity) for s in task.aggregation_steps(aggregate_params(cfg))]})
+    steps = [dict(s.identity) for s in task.aggregation_steps(aggregate_params(cfg)) if s.output in requests]
+    agg_hash = io.config_hash({"extract": ex_hash, "inputs": latent_parts, "steps": steps})
     run = Run(cfg, task, specs, methods, plan, None, splits)
     eval_hash = io.config_hash({
         "methods": {n: plain(s) for n, s in specs.items()}, "extract": ex_hash, "aggregate": agg_hash,

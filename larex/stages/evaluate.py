@@ -2,7 +2,8 @@
 each OOD set, compute metrics and thresholds, write tables and plots, log one MLflow run.
 
 Outputs in ``evaluate-<hash>/`` (one folder per evaluation config, so every sweep job keeps its own):
-``metrics.csv``, ``metrics.parquet``, ``results.md``, ``plots/*.png``, ``config.yaml`` and ``evaluate.json``; the
+``metrics.csv``, ``metrics.parquet``, ``results.md``, ``plots/*.png``, ``config.yaml`` and ``evaluate.json`` (and
+``val_metrics.csv``: ID val vs the validation OOD sets of ``evaluate.val_ood``, what choices are made on); the
 hooked layer's ``index.json`` and ``latest`` point at it. Nothing is tuned on ``test`` or OOD data. Feature
 loading is :mod:`larex.featurestore`, method running :mod:`larex.scoring`, reporting :mod:`larex.reporting`.
 """
@@ -17,7 +18,7 @@ from larex import io
 from larex.featurestore import FeatureStore
 from larex.layout import claim
 from larex.reporting.figures import evaluation_plots
-from larex.reporting.tables import metrics_table, print_results, results_markdown
+from larex.reporting.tables import metrics_table, print_results, results_markdown, validation_table
 from larex.scoring import score_methods
 from larex.stages import common
 
@@ -40,7 +41,8 @@ def score(cfg: DictConfig, run: common.Run, methods: dict | None = None, store: 
     names = list(methods or run.methods)
     return score_methods({n: run.methods[n] for n in names}, {n: run.method_hash(n) for n in names},
                          {n: common.plain(run.specs[n]) for n in names}, store or feature_store(run), run.layout,
-                         ["fit", "val", "test", *(s for s in run.splits if s.startswith("ood/"))], force=bool(cfg.force))
+                         ["fit", "val", "test", *(s for s in run.splits if s.startswith(("ood/", "val_ood/")))],
+                         force=bool(cfg.force))
 
 
 def title(cfg: DictConfig) -> str:
@@ -80,11 +82,15 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
     all_scores, timings = score(cfg, run, store=store)
     tpr = float(cfg.evaluate.tpr)
     table, flat = metrics_table(all_scores, oods, tpr, list(cfg.evaluate.zscore_percentiles))
+    val_table, val_flat = validation_table(all_scores, common.val_ood_names(cfg), tpr)
+    flat.update(val_flat)
     summary = _summary(run, store)
     flat.update({f"id/test_{k}": v for k, v in summary.items()})
     io.write_text(out / "metrics.csv", table.to_csv(index=False))
     io.write_bytes(out / "metrics.parquet", table.to_parquet(index=False))
-    io.write_text(out / "results.md", results_markdown(table, title(cfg), summary))
+    if not val_table.empty:
+        io.write_text(out / "val_metrics.csv", val_table.to_csv(index=False))
+    io.write_text(out / "results.md", results_markdown(table, title(cfg), summary, val_table))
     io.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pngs = evaluation_plots(out / "plots", all_scores, oods, table, tpr) if cfg.evaluate.plots else []
 
@@ -100,8 +106,9 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
             tracker.log_params(common.plain(cfg))
             tracker.log_metrics(flat)
             tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
-            for p in (out / "metrics.csv", out / "metrics.parquet", out / "results.md"):
-                tracker.log_artifact(p)
+            for p in (out / "metrics.csv", out / "metrics.parquet", out / "results.md", out / "val_metrics.csv"):
+                if p.is_file():
+                    tracker.log_artifact(p)
             for p in pngs:
                 tracker.log_artifact(p, "plots")
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

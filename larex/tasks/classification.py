@@ -5,29 +5,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
 from larex.tasks.base import AggregationStep, Task
 
 
-def _entropy_step(params: Mapping[str, Any]) -> AggregationStep:
-    from larex.entropy import knn_entropy
-
-    k = params.get("k")
-    k = None if k is None else int(k)
-    min_dist = float(params.get("min_dist", 1e-5))
-    device = torch.device(params.get("device") or "cpu")
-
-    def entropy(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-        lat = torch.from_numpy(np.ascontiguousarray(arrays["latent"])).to(device=device, dtype=torch.float64)
-        return knn_entropy(lat, k=k, min_dist=min_dist).cpu().numpy()
-
-    return AggregationStep("entropy", ("latent",), entropy, {"estimator": "knn", "k": k, "min_dist": min_dist})
+def estimator_step(estimator, device: str = "cpu") -> AggregationStep:
+    """An aggregation step running ``estimator`` (:mod:`larex.aggregation`) on ``device``."""
+    return AggregationStep(estimator.output, tuple(estimator.inputs), lambda arrays: estimator(arrays, device),
+                           estimator.identity())
 
 
 class Classification(Task):
     """Inputs: images converted to the ID model's channels / size / normalization (:class:`ModelInput`);
-    targets: class indices (-1 for OOD). Aggregation: LaREx kNN entropy of the MC latents. Summary: accuracy."""
+    targets: class indices (-1 for OOD). Aggregation: the LaREx entropy of the MC latents (``entropy``, by the
+    configured estimator; kNN by default) and their MC mean (``latent_mean``). Summary: accuracy."""
 
     name = "classification"
     always_keys = ("labels",)  # the scores table, accuracy and the methods that fit on labels read them
@@ -41,7 +32,14 @@ class Classification(Task):
                           mean=list(input_spec["mean"]), std=list(input_spec["std"]), **extra)
 
     def aggregation_steps(self, params):
-        return [_entropy_step(params)]
+        from larex.aggregation.knn import KNNEntropy
+        from larex.aggregation.mean import LatentMean
+
+        device = str(params.get("device") or "cpu")
+        estimator = params.get("estimator") or KNNEntropy()
+        if estimator.output != "entropy":
+            raise ValueError(f"the entropy estimator {estimator!r} writes {estimator.output!r}, not 'entropy'")
+        return [estimator_step(estimator, device), estimator_step(LatentMean(), device)]
 
     def summary_metrics(self, feats):
         if not set(self.summary_requires) <= set(feats):
