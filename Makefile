@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export YOLO_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench study clean
 
 install:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
@@ -31,6 +31,11 @@ demo:
 
 bench:
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+# The LaREx study (docs/larex-study.md): the sweep, then the report (run `make demo` first to rank the baselines)
+study:
+	@start=$$(date +%s); $(BIN)/larex-run experiment=larex_study $(ARGS) && \
+	$(BIN)/python scripts/larex_study.py --minutes $$(( ($$(date +%s) - start + 30) / 60 ))
 
 clean:
 	rm -rf outputs .pytest_cache

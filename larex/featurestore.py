@@ -23,6 +23,7 @@ class FeatureStore:
         self.aggregated = set(aggregated)
         self.aggregate_hash = aggregate_hash
         self._cache: dict[tuple[str, str], np.ndarray] = {}
+        self._available: dict[str, set[str]] = {}  # per split: outputs do not change while a store is in use
 
     def _part_ok(self, split: str, key: str) -> bool:
         if key not in self.layout.parts:
@@ -37,12 +38,15 @@ class FeatureStore:
         return io.has_config_hash(path, self.aggregate_hash(split))
 
     def available(self, split: str) -> set[str]:
-        keys = {k for k in self.layout.parts if not features.is_model_key(k) and self._part_ok(split, k)}
-        keys |= {k for k in self.layout.parts if features.is_model_key(k)
-                 and self.layout.model_file(self.layout.parts[k]).is_file()}
-        if self.aggregated and self._aggregate_ok(split):
-            keys |= self.aggregated
-        return keys
+        """Keys of ``split`` that are complete on disk (checked once per split for the store's lifetime)."""
+        if split not in self._available:
+            keys = {k for k in self.layout.parts if not features.is_model_key(k) and self._part_ok(split, k)}
+            keys |= {k for k in self.layout.parts if features.is_model_key(k)
+                     and self.layout.model_file(self.layout.parts[k]).is_file()}
+            if self.aggregated and self._aggregate_ok(split):
+                keys |= self.aggregated
+            self._available[split] = keys
+        return set(self._available[split])
 
     def check(self, split: str, method: str, keys: Iterable[str]) -> None:
         missing = [k for k in keys if k not in self.available(split)]

@@ -6,6 +6,8 @@ Every row is measured in this run; speed rows time larex and its reference on th
 * ``entropy/*``   :func:`larex.entropy.knn_entropy` vs the LaREx reference computation (per image, per
   dimension ``entropy_estimators.continuous.get_h(x.reshape(-1, 1), k, norm="max", min_dist=1e-5)`` in a
   Python loop), float64 and float32, plus a linear-scaling check (time at N and 4N).
+* ``estimators/*`` the other aggregation estimators (``gaussian``, ``latent_mean``, ``joint``) vs the kNN
+  entropy kernel on the same latents (time ratio), each checked against an independent computation.
 * ``scoring/*``   LaRED (Gaussian KDE) vs ``sklearn.neighbors.KernelDensity``; LaREM vs
   ``sklearn.covariance.EmpiricalCovariance.mahalanobis``.
 * ``baselines/*`` every logits/feature baseline YAML in ``configs/baselines`` (instantiated with Hydra)
@@ -58,7 +60,7 @@ from benchmarks.common import COLUMNS, DEFAULT, DEFAULT_GROUPS, GROUPS, QUICK, R
 from larex.io import write_text
 
 # group -> its row builder in benchmarks.<group> (imported when the group runs)
-BUILDERS = {"entropy": "entropy_rows", "scoring": "scoring_rows", "baselines": "baseline_rows", "mc": "mc_rows",
+BUILDERS = {"entropy": "entropy_rows", "estimators": "estimators_rows", "scoring": "scoring_rows", "baselines": "baseline_rows", "mc": "mc_rows",
             "memory": "memory_rows", "stages": "stages_rows"}
 assert set(BUILDERS) == set(GROUPS)
 

@@ -7,11 +7,11 @@ import importlib.resources
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 CONFIGS = importlib.resources.files("larex.configs")
-GROUPS = ("task", "dataset", "model", "hooked_layer", "postprocessor", "ood", "experiment", "baselines")
+GROUPS = ("task", "dataset", "model", "hooked_layer", "estimator", "postprocessor", "ood", "experiment", "baselines")
 STAGES = ("train", "extract", "aggregate", "evaluate", "run")
 
 
@@ -96,3 +96,27 @@ def test_demo_experiment_selects_every_baseline_and_plans_their_features():
     assert {"lared", "larem", "msp", "vim", "knn", "nac_ue", "mcd_mi"} <= names and len(names) >= 12
     assert {"latent", "mc_logits", "logits", "penultimate", "labels", "nac.block3", "odin_logits",
             "head.weight", "head.bias"} == set(run.plan.parts)
+
+
+def test_reference_recipe_and_study_experiments():
+    from larex.aggregation.knn import KNNEntropy
+    from larex.stages.common import all_splits, prepare
+
+    ref = prepare(compose("run", overrides=["experiment=larex_reference"]))
+    lared, larem = ref.methods["lared"], ref.methods["larem"]
+    assert (lared.pca, lared.whiten, lared.bandwidth, lared.standardize, lared.features) == \
+        ("auto", True, 1.0, False, ("entropy",))
+    assert (larem.standardize, larem.features) == (False, ("entropy",))
+    est = ref.task.aggregation_steps({"estimator": KNNEntropy()})[0].identity
+    assert est["estimator"] == "knn" and est["k"] is None
+    study = compose("run", overrides=["experiment=larex_study"], return_hydra_config=True)
+    assert str(study.hydra.mode) in ("MULTIRUN", "RunMode.MULTIRUN")
+    params = study.hydra.sweeper.params
+    with open_dict(study):
+        del study["hydra"]
+    assert set(params["estimator"].split(",")) <= set(options("estimator"))
+    assert [int(s) for s in str(params["hooked_layer.mc_samples"]).split(",")] == [8, 16, 32]
+    run = prepare(study)
+    assert set(run.plan.parts) == {"latent", "labels"}  # LaRED/LaREM variants only: no logits extracted
+    assert {"val_ood/fmnist_holdout_val", "val_ood/fmnist_shift_val"} <= set(all_splits(study))
+    assert not set(study.evaluate.val_ood) & set(study.dataset.default_ood)

@@ -291,6 +291,21 @@ def test_feature_sets_concatenate_the_keys(cls):
             cls(features=bad)
 
 
+def test_lared_whiten_is_kde_on_sklearn_whitened_pca():
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import KernelDensity
+
+    rng = np.random.default_rng(5)
+    fit = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6)) + 3.0
+    test = rng.normal(size=(60, 6)) @ rng.normal(size=(6, 6))
+    got = LaRED(pca=3, whiten=True, bandwidth=1.0, standardize=False).fit({"entropy": fit}).score({"entropy": test})
+    pca = PCA(3, whiten=True).fit(fit)
+    want = KernelDensity(bandwidth=1.0).fit(pca.transform(fit)).score_samples(pca.transform(test))
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    plain = LaRED(pca=3, bandwidth=1.0, standardize=False).fit({"entropy": fit}).score({"entropy": test})
+    assert not np.allclose(plain, got)
+
+
 def test_fit_free_subclass_and_missing_score():
     class MaxFeature(Postprocessor):
         requires = ("logits",)

@@ -36,7 +36,8 @@ class GaussianEntropy(Estimator):
         if s <= self.ddof:
             raise ValueError(f"gaussian entropy with ddof={self.ddof} needs at least {self.ddof + 1} MC samples; "
                              f"got S={s}")
-        if not torch.isfinite(latent).all():
+        centred = latent - latent.mean(dim=1, keepdim=True)  # two-pass variance, one temporary, reductions
+        var = centred.mul_(centred).sum(dim=1).div_(s - self.ddof)  # along S over contiguous rows of D
+        if not torch.isfinite(var).all():  # a NaN/Inf sample makes its variance NaN/Inf (cheaper than scanning all)
             raise ValueError("gaussian entropy: the MC latents hold NaN/Inf; check the model and the hooked layer")
-        var = latent.var(dim=1, correction=self.ddof)
         return 0.5 * math.log(2.0 * math.pi * math.e) + torch.log(var.clamp_min(self.min_std ** 2)) * 0.5

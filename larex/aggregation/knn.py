@@ -1,8 +1,9 @@
 """LaREx kNN entropy per latent dimension (:func:`larex.entropy.knn_entropy`), with a fixed k or a rule of S.
 
 ``k: null`` is the reference default (5, or S - 1 when S <= 5) and reproduces the LaREx reference exactly;
-``k: sqrt`` takes ``round(sqrt(S))`` clipped to ``[1, S - 1]`` (4 at S = 16, 6 at S = 32), the usual
-bias/variance compromise for kNN entropy estimates from few points.
+the rules ``k: sqrt`` (``round(sqrt(S))``: 3 / 4 / 6 at S = 8 / 16 / 32, the usual bias/variance compromise for
+kNN entropy estimates from few points) and ``k: half`` (``S // 2``: 4 / 8 / 16) grow with S, clipped to
+``[1, S - 1]``; a fixed int must be below S.
 """
 from __future__ import annotations
 
@@ -13,18 +14,19 @@ import torch
 from larex.aggregation.base import Estimator, check_min
 from larex.entropy import default_k, knn_entropy
 
-K_RULES = ("sqrt",)
+K_RULES = ("sqrt", "half")
 
 
 def resolve_k(k: int | str | None, num_samples: int) -> int:
-    """The neighbour order for S = ``num_samples``: ``None`` -> :func:`default_k`, ``"sqrt"`` -> round(sqrt(S))
-    in [1, S - 1], an int as given (checked against S by :func:`knn_entropy`)."""
+    """The neighbour order for S = ``num_samples``: ``None`` -> :func:`default_k`, ``"sqrt"`` -> round(sqrt(S)),
+    ``"half"`` -> S // 2 (both in [1, S - 1]), an int as given (checked against S by :func:`knn_entropy`)."""
     if k is None:
         return default_k(num_samples)
-    if k == "sqrt":
+    if k in K_RULES:
         if num_samples < 2:
             default_k(num_samples)  # raises the clear S >= 2 error
-        return max(1, min(num_samples - 1, round(math.sqrt(num_samples))))
+        value = round(math.sqrt(num_samples)) if k == "sqrt" else num_samples // 2
+        return max(1, min(num_samples - 1, value))
     return int(k)
 
 
@@ -41,7 +43,7 @@ class KNNEntropy(Estimator):
     """Kozachenko-Leonenko entropy (max-norm) of each latent dimension over the S MC samples: ``[N, D]``.
 
     Args:
-        k: neighbour order: null (reference default), an int in [1, S), or "sqrt" (round(sqrt(S))).
+        k: neighbour order: null (reference default), an int in [1, S), "sqrt" (round(sqrt(S))) or "half" (S // 2).
         min_dist: floor of the k-th neighbour distance (the reference's 1e-5).
     """
 

@@ -13,6 +13,7 @@ class LatentMean(Estimator):
     output = "latent_mean"
 
     def compute(self, latent: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(latent).all():
+        mean = latent.mean(dim=1)
+        if not torch.isfinite(mean).all():  # a NaN/Inf sample makes its mean NaN/Inf
             raise ValueError("latent_mean: the MC latents hold NaN/Inf; check the model and the hooked layer")
-        return latent.mean(dim=1)
+        return mean

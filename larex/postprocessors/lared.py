@@ -42,6 +42,8 @@ class LaRED(Postprocessor):
         features: the feature keys modelled, concatenated per row: ``entropy`` (LaREx), ``latent_mean`` (MC
             mean of the latent), or both.
         pca_candidates: sizes tried by ``pca="auto"`` (default grid of :class:`PCAReducer`).
+        whiten: divide the PCA components by their standard deviation (the LaREx reference recipe; no effect
+            without PCA).
 
     Fitted: ``reducer_``, ``bandwidth_``, ``bandwidth_selection_`` ({h: mean val log-density}, "auto" only).
     """
@@ -59,6 +61,7 @@ class LaRED(Postprocessor):
         standardize: bool = True,
         pca_candidates: Sequence[int] | None = None,
         features: Sequence[str] = ("entropy",),
+        whiten: bool = False,
     ) -> None:
         self.features = check_feature_set(features, "LaRED")
         self.requires = self.features
@@ -84,10 +87,12 @@ class LaRED(Postprocessor):
         self.chunk_size = int(chunk_size)
         self.standardize = bool(standardize)
         self.pca_candidates = None if pca_candidates is None else [int(k) for k in pca_candidates]
+        self.whiten = bool(whiten)
         self._new_reducer()  # validates pca / pca_candidates early
 
     def _new_reducer(self) -> PCAReducer:
-        return PCAReducer(n_components=self.pca, candidates=self.pca_candidates, standardize=self.standardize)
+        return PCAReducer(n_components=self.pca, candidates=self.pca_candidates, standardize=self.standardize,
+                          whiten=self.whiten)
 
     # ------------------------------------------------------------------ fit / score
     def _fit(self, arrays: dict[str, np.ndarray], val: dict[str, np.ndarray] | None) -> None:

@@ -11,7 +11,7 @@ import logging
 import random
 from pathlib import Path
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -313,14 +313,23 @@ class Run:
     plan: Any
     layout: Any
     splits: list[str]
+    step_hashes: dict[str, str] | None = None
+    """Derived key -> hash of what it is computed from (extraction, its input part, its step's identity)."""
+    _split_hashes: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def split_hash(self, split: str) -> str:
+        """:func:`split_hash` of this run's config, computed once per split (the config is fixed once prepared)."""
+        if split not in self._split_hashes:
+            self._split_hashes[split] = split_hash(self.cfg, split)
+        return self._split_hashes[split]
 
     def part_hash(self, split: str, part: str) -> str:
         """Config hash recorded in a part's manifest: the part (producer + parameters) and the split's rows."""
         return io.config_hash({"extract": self.layout.extract_hash, "part": part,
-                               "split": split_hash(self.cfg, split)})
+                               "split": self.split_hash(split)})
 
     def aggregate_split_hash(self, split: str) -> str:
-        return io.config_hash({"aggregate": self.layout.aggregate_hash, "split": split_hash(self.cfg, split)})
+        return io.config_hash({"aggregate": self.layout.aggregate_hash, "split": self.split_hash(split)})
 
     def derived_needed(self) -> list[str]:
         derived = self.task.derived_keys()
@@ -331,9 +340,11 @@ class Run:
         pp = self.methods[name]
         keys = sorted(method_keys(pp))
         derived = self.task.derived_keys()
-        inputs = {k: (self.layout.aggregate_hash if k in derived else self.plan.parts.get(k)) for k in keys}
+        steps = self.step_hashes or {}
+        inputs = {k: (steps.get(k, self.layout.aggregate_hash) if k in derived else self.plan.parts.get(k))
+                  for k in keys}  # a method on latent_mean keeps its scores when only the entropy estimator changes
         return io.config_hash({"method": plain(self.specs[name]), "extract": self.layout.extract_hash,
-                               "inputs": inputs, "splits": {s: split_hash(self.cfg, s) for s in self.splits}})
+                               "inputs": inputs, "splits": {s: self.split_hash(s) for s in self.splits}})
 
 
 def prepare(cfg: DictConfig) -> Run:
@@ -359,12 +370,14 @@ def prepare(cfg: DictConfig) -> Run:
     splits = all_splits(cfg)
     ex_hash = extract_hash(cfg)
     latent_parts = sorted({plan.parts[i] for k in derived if k in requests for i in derived[k] if i in plan.parts})
-    steps = [dict(s.identity) for s in task.aggregation_steps(aggregate_params(cfg)) if s.output in requests]
-    agg_hash = io.config_hash({"extract": ex_hash, "inputs": latent_parts, "steps": steps})
-    run = Run(cfg, task, specs, methods, plan, None, splits)
+    steps = [s for s in task.aggregation_steps(aggregate_params(cfg)) if s.output in requests]
+    agg_hash = io.config_hash({"extract": ex_hash, "inputs": latent_parts, "steps": [dict(s.identity) for s in steps]})
+    step_hashes = {s.output: io.config_hash({"extract": ex_hash, "inputs": sorted({plan.parts[i] for i in s.inputs}),
+                                             "step": dict(s.identity)}) for s in steps}
+    run = Run(cfg, task, specs, methods, plan, None, splits, step_hashes)
     eval_hash = io.config_hash({
         "methods": {n: plain(s) for n, s in specs.items()}, "extract": ex_hash, "aggregate": agg_hash,
-        "parts": dict(sorted(plan.parts.items())), "splits": {s: split_hash(cfg, s) for s in splits},
+        "parts": dict(sorted(plan.parts.items())), "splits": {s: run.split_hash(s) for s in splits},
         "evaluate": plain(cfg.evaluate), "tracking": plain(cfg.tracking),
     })
     run.layout = Layout(output_root(cfg), str(cfg.task.name), str(cfg.dataset.name), str(cfg.model.name),
