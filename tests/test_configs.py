@@ -120,3 +120,23 @@ def test_reference_recipe_and_study_experiments():
     assert set(run.plan.parts) == {"latent", "labels"}  # LaRED/LaREM variants only: no logits extracted
     assert {"val_ood/fmnist_holdout_val", "val_ood/fmnist_shift_val"} <= set(all_splits(study))
     assert not set(study.evaluate.val_ood) & set(study.dataset.default_ood)
+
+
+def test_threads_key_pins_torch_threads_and_rejects_bad_values():
+    import torch
+
+    from larex.stages.common import ConfigError, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads(None)  # null keeps whatever is set
+        assert torch.get_num_threads() == 1
+        for bad in (0, -2, 1.5, True, "2"):
+            with pytest.raises(ConfigError, match="threads"):
+                set_threads(bad)
+    finally:
+        torch.set_num_threads(before)
+    assert compose("run").threads is None
+    assert compose("run", overrides=["experiment=larex_study"]).threads == 1

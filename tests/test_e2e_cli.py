@@ -56,14 +56,28 @@ def test_output_layout_and_latent_only_plan(pipeline):
 
 
 def test_aggregate_matches_entropy_of_extracted_latents(pipeline):
+    """The default estimator (gaussian): 1/2 log(2 pi e var) of each latent dimension over the S samples."""
     from larex import io
-    from larex.entropy import knn_entropy
 
     _, out, _ = pipeline
     layer = layer_dir(out)
     lat = io.read_features(part_dirs(only(layer.glob("extract-*")) / "val")["mc"], ["latent"])["latent"]
     agg = io.load_arrays(only(layer.glob("aggregate-*")) / "val.safetensors")["entropy"]
-    np.testing.assert_allclose(agg, knn_entropy(lat.astype(np.float64)).numpy(), rtol=0, atol=1e-12)
+    sd = np.maximum(lat.astype(np.float64).std(axis=1, ddof=1), 1e-5)
+    np.testing.assert_allclose(agg, 0.5 * np.log(2 * np.pi * np.e * sd ** 2), rtol=1e-12)
+
+
+def test_reference_estimator_is_the_knn_entropy(pipeline):
+    from larex import io
+    from larex.entropy import knn_entropy
+
+    work, out, _ = pipeline
+    layer = layer_dir(out)
+    cli("larex-aggregate", *tiny(out), "estimator=knn", cwd=work)
+    lat = io.read_features(part_dirs(only(layer.glob("extract-*")) / "val")["mc"], ["latent"])["latent"]
+    want = knn_entropy(lat.astype(np.float64)).numpy()
+    got = [io.load_arrays(d / "val.safetensors")["entropy"] for d in layer.glob("aggregate-*")]
+    assert any(g.shape == want.shape and np.allclose(g, want, rtol=0, atol=1e-12) for g in got)
 
 
 def test_metrics_table_and_mlflow_run(pipeline):
@@ -204,7 +218,7 @@ def test_estimator_feature_set_and_validation_ood(pipeline):
     work, out, _ = pipeline
     layer = layer_dir(out)
     extract = only(layer.glob("extract-*"))
-    p = cli("larex-run", *tiny(out), "estimator=gaussian", "postprocessor=[lared]",
+    p = cli("larex-run", *tiny(out), "estimator=gaussian", "postprocessor=[lared]",  # gaussian: the default
             "postprocessor.lared.features=[entropy,latent_mean]", f"evaluate.val_ood=[{VAL_OOD}]", cwd=work)
     assert only(layer.glob("extract-*")) == extract
     extracted = [ln for ln in p.stdout.splitlines() if ln.startswith("[extract]") and "rows" in ln]

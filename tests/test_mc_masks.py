@@ -671,9 +671,9 @@ def test_masks_mode_in_part_only_when_not_shared():
     assert MonteCarlo("dropblock", 8, masks="per_image", mask_norm="per_mask", **kw).part != "mc-d45ce14ced104ef0"
     ctx = {"seed": 3, "hooked_layer": {"path": "dropblock", "mc_samples": 8, "drop_prob": 0.5, "block_size": 3}}
     default = MonteCarlo.from_plan(("latent",), [], ctx)  # the hooked_layer YAMLs' defaults
-    assert (default.masks, default.mask_norm) == ("per_image", "expected")
-    ctx["hooked_layer"]["masks"] = "shared"
-    assert MonteCarlo.from_plan(("latent",), [], ctx).masks == "shared"
+    assert (default.masks, default.mask_norm) == ("shared", "expected")
+    ctx["hooked_layer"]["masks"] = "per_image"
+    assert MonteCarlo.from_plan(("latent",), [], ctx).masks == "per_image"
 
 
 # ---------------------------------------------------------------- mask_norm="expected"

@@ -140,6 +140,7 @@ class LaRED(Postprocessor):
         neg_inv_two_h2 = -0.5 / h**2
         q_all = torch.as_tensor(np.asarray(queries, dtype=np.float64), device=pts.device) - self._center
         out = torch.empty((q_all.shape[0], h.shape[0]), dtype=torch.float64, device=pts.device)
+        buf = None
         for qs in range(0, q_all.shape[0], c):
             q = q_all[qs : qs + c]
             q_sq = (q * q).sum(dim=1)
@@ -148,9 +149,19 @@ class LaRED(Postprocessor):
                 p = pts[ps : ps + c]
                 # ||q||^2 + ||p||^2 - 2 q.p with one fused matmul and in-place passes (no extra c x c buffers)
                 d2 = torch.addmm(pts_sq[None, ps : ps + c], q, p.T, alpha=-2.0).add_(q_sq[:, None]).clamp_min_(0.0)
+                # logsumexp_i(-d2_i / 2h^2) = -dmin / 2h^2 + log sum_i exp(-(d2_i - dmin) / 2h^2): the shift is the
+                # row minimum of d2, shared by every bandwidth, so each bandwidth costs one mul, exp and sum pass
+                dmin = d2.amin(dim=1)
+                d2.sub_(dmin[:, None])
                 for j in range(h.shape[0]):  # loop over candidate bandwidths only
-                    e = d2.mul_(neg_inv_two_h2[j]) if h.shape[0] == 1 else d2 * neg_inv_two_h2[j]
-                    acc[:, j] = torch.logaddexp(acc[:, j], torch.logsumexp(e, dim=1))
+                    if h.shape[0] == 1:
+                        e = d2.mul_(neg_inv_two_h2[j])
+                    else:
+                        if buf is None or buf.shape != d2.shape:
+                            buf = torch.empty_like(d2)
+                        e = torch.mul(d2, neg_inv_two_h2[j], out=buf)
+                    lse = torch.log(e.exp_().sum(dim=1)).add_(dmin * neg_inv_two_h2[j])
+                    acc[:, j] = torch.logaddexp(acc[:, j], lse)
             out[qs : qs + c] = acc
         out = out - math.log(n) - 0.5 * d * torch.log(2.0 * math.pi * h**2)
         return out.cpu().numpy()

@@ -174,6 +174,22 @@ def _select(df: pd.DataFrame, **where) -> pd.DataFrame:
     return df[mask]
 
 
+def default_changes(df: pd.DataFrame, chosen: pd.Series, current: dict) -> pd.DataFrame:
+    """Per axis (and the method variant): the current default, the validation-chosen value, and the test AUROC of
+    the chosen configuration with that one axis at its current default. A default changes only where the chosen
+    value also wins on test (``change``)."""
+    rows = []
+    for axis in (*AXES, "method"):
+        now, new = current[axis], chosen[axis]
+        alt = _select(df, **{a: (now if a == axis else chosen[a]) for a in (*AXES, "method")})
+        alt_test = float(alt["test_auroc"].iloc[0]) if len(alt) else float("nan")
+        rows.append({"axis": axis, "default": now, "chosen on val": new, "test AUROC (default)": alt_test,
+                     "test AUROC (chosen)": float(chosen["test_auroc"]),
+                     "change": "yes" if new != now and (not np.isfinite(alt_test) or chosen["test_auroc"] > alt_test)
+                     else ("no (loses on test)" if new != now else "-")})
+    return pd.DataFrame(rows)
+
+
 def study_markdown(df: pd.DataFrame, chosen: dict[str, pd.Series], info: dict, plot_name: str,
                    baselines: pd.DataFrame | None = None) -> str:
     """The study page: set-up, the validation-chosen configurations and their test results, the estimator x S
@@ -209,6 +225,9 @@ def study_markdown(df: pd.DataFrame, chosen: dict[str, pd.Series], info: dict, p
                          "val AUROC": r["val_auroc"], "test AUROC": r["test_auroc"], "test FPR95": r["test_fpr95"]})
     t = pd.DataFrame(rows)
     lines += markdown_table(t, ["what", *AXES, "method", "val AUROC", "test AUROC", "test FPR95"]) + [""]
+    lines += ["How the defaults follow (the chosen configuration with one axis at the previous default):", ""]
+    changes = default_changes(df, best, {**REFERENCE, "method": "lared"})
+    lines += markdown_table(changes, list(changes.columns)) + [""]
     per_set = [{"method": f"{r['method']} ({what})", **{o: r[f"test_auroc/{o}"] for o in test_sets}}
                for what, r in (("chosen", lared), ("chosen", larem))]
     lines += ["Test AUROC per OOD set of the chosen configurations:", ""]

@@ -55,6 +55,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_threads(threads) -> None:
+    """``torch.set_num_threads(threads)`` unless None: parallel sweep jobs on a few cores must not each start
+    one thread per core (two 2-thread jobs on 2 cores run several times slower than two 1-thread jobs)."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a positive integer or null (torch's default); got {threads!r}")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -356,6 +367,7 @@ def prepare(cfg: DictConfig) -> Run:
     from larex.layout import Layout
 
     ensure_ood(cfg)
+    set_threads(cfg.get("threads"))
     task = build_task(cfg)
     specs = method_specs(cfg)
     methods = {name: instantiate(spec) for name, spec in specs.items()}

@@ -6,9 +6,10 @@ as one forward of the batch repeated S times (row ``b*S + s`` is image b, pass s
 ``mc_batch`` rows; by default (``share_prefix``) the layers before the first MC layer run once per image and only
 the rest runs on the S-fold batch. BatchNorm stays in eval, so this equals S separate passes.
 
-Masks (``hooked_layer.masks``): by default (``per_image``) every image gets its own S masks, as in classic MC
-dropout, drawn from a hash of the image's bytes and ``seed`` (:func:`larex.extraction.mc.image_seeds`); with
-``shared`` pass s of every image uses the same mask s, drawn from ``seed`` per MC layer and input shape. Either
+Masks (``hooked_layer.masks``): by default (``shared``, the LaREx study's choice, docs/larex-study.md) pass s of
+every image uses the same mask s, drawn from ``seed`` per MC layer and input shape, so an image's entropy is a
+deterministic function of the image; with ``per_image`` every image gets its own S masks, as in classic MC
+dropout, drawn from a hash of the image's bytes and ``seed`` (:func:`larex.extraction.mc.image_seeds`). Either
 way an image's latents depend only on the image and the seed -- not on the batch size, the order, ``mc_batch``
 or the other images -- so a deployed detector scores an image alone as it scores it in a batch; the global RNG is
 untouched (:func:`larex.extraction.mc.mc_mode`). ``hooked_layer.mask_norm`` sets the DropBlock gain: ``expected``
@@ -50,7 +51,7 @@ class MonteCarlo(Producer):
 
     def __init__(self, hooked_layer: str, mc_samples: int = 16, keys=("latent",), seed: int = 0,
                  drop_prob: float | None = None, block_size: int | None = None, mc_batch: int | None = None,
-                 reduction: str = "auto", share_prefix: bool = True, masks: str = "per_image",
+                 reduction: str = "auto", share_prefix: bool = True, masks: str = "shared",
                  mask_norm: str = "expected"):
         keys = tuple(k for k in self.provides if k in keys)
         if not keys:
@@ -87,7 +88,7 @@ class MonteCarlo(Producer):
                    seed=int(hl["mask_seed"] if hl.get("mask_seed") is not None else context.get("seed", 0)),
                    drop_prob=hl.get("drop_prob"),
                    block_size=hl.get("block_size"), mc_batch=(context.get("extract") or {}).get("mc_batch"),
-                   reduction=str(hl.get("reduction", "auto")), masks=str(hl.get("masks", "per_image")),
+                   reduction=str(hl.get("reduction", "auto")), masks=str(hl.get("masks", "shared")),
                    mask_norm=str(hl.get("mask_norm", "expected")))
 
     def identity(self):
