@@ -27,7 +27,7 @@ test-all:
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not gpu"
 
 demo:
-	$(BIN)/larex-run experiment=fmnist_demo
+	$(BIN)/larex-run experiment=fmnist_demo $(ARGS)
 
 bench:
 	$(BIN)/python scripts/bench.py $(ARGS)

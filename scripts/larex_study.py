@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo", default="auto", help="a demo metrics.csv to rank LaREx among the baselines; auto = the "
                     "newest `make demo` evaluation under --root (skipped when there is none); none = skip")
     ap.add_argument("--minutes", default=None, help="wall time of the sweep, for the page")
-    ap.add_argument("--conclusion", default=None, help="a closing paragraph (Markdown) for the page")
+    ap.add_argument("--conclusion", default=None, help="a Markdown file with the closing paragraphs of the page")
     args = ap.parse_args(argv)
 
     root = Path(args.root).resolve()
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"date": datetime.date.today().isoformat(), "command": "make study", "jobs": df["folder"].nunique(),
             "minutes": args.minutes or "?", "machine": f"{platform.machine()} CPU, 2 cores",
             "sizes": sizes + " images (limit.*)", "val_ood": list(sample.evaluate.val_ood), "grid": grid,
-            "demo": "make demo", "conclusion": args.conclusion}
+            "conclusion": Path(args.conclusion).read_text().strip() if args.conclusion else None}
     demo = None
     if args.demo == "auto":
         found = newest_run(layers, "fmnist-demo")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         demo = Path(args.demo)
     baselines = pd.read_csv(demo) if demo else None
     if demo:
-        info["demo"] = f"make demo ({demo.parent.name})"
+        info["demo_run"] = str(demo.parent.name)
     io.write_text(out / "larex-study.md", study_markdown(df, chosen, info, plot.name, baselines))
     for name, r in chosen.items():
         print(f"chosen on val ({name}): " + ", ".join(f"{k}={r[k]}" for k in ("estimator", "mc_samples", "drop_prob",

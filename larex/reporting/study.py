@@ -268,7 +268,8 @@ def study_markdown(df: pd.DataFrame, chosen: dict[str, pd.Series], info: dict, p
     if baselines is not None and not baselines.empty:
         mean = baselines[baselines["ood"] == "mean"].sort_values("auroc", ascending=False)
         lines += ["## Where LaREx stands (the demo table with the new defaults)", ""]
-        lines += [f"Mean test AUROC of every method in `{info.get('demo', 'make demo')}` (full demo splits):", ""]
+        lines += [f"Mean test AUROC of every method in `make demo` ({info.get('demo_run', 'its newest evaluation')}; "
+                  "full demo splits):", ""]
         lines += markdown_table(mean.assign(rank=np.arange(1, len(mean) + 1)), ["rank", "method", "auroc", "fpr95"],
                                 bold_max=["auroc"]) + [""]
     if info.get("conclusion"):
