@@ -107,6 +107,7 @@ def test_reference_recipe_and_study_experiments():
     assert (lared.pca, lared.whiten, lared.bandwidth, lared.standardize, lared.features) == \
         ("auto", True, 1.0, False, ("entropy",))
     assert (larem.standardize, larem.features) == (False, ("entropy",))
+    assert ref.cfg.hooked_layer.masks == "per_image" and ref.cfg.hooked_layer.name == "dropblock"
     est = ref.task.aggregation_steps({"estimator": KNNEntropy()})[0].identity
     assert est["estimator"] == "knn" and est["k"] is None
     study = compose("run", overrides=["experiment=larex_study"], return_hydra_config=True)
