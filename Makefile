@@ -35,7 +35,8 @@ bench:
 # The LaREx study (docs/larex-study.md): the sweep, then the report (run `make demo` first to rank the baselines)
 study:
 	@start=$$(date +%s); $(BIN)/larex-run experiment=larex_study $(ARGS) && \
-	$(BIN)/python scripts/larex_study.py --minutes $$(( ($$(date +%s) - start + 30) / 60 ))
+	$(BIN)/python scripts/larex_study.py --minutes $$(( ($$(date +%s) - start + 30) / 60 )) \
+		--conclusion docs/larex-study-conclusion.md
 
 clean:
 	rm -rf outputs .pytest_cache

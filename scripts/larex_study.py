@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--demo", default="auto", help="a demo metrics.csv to rank LaREx among the baselines; auto = the "
                     "newest `make demo` evaluation under --root (skipped when there is none); none = skip")
     ap.add_argument("--minutes", default=None, help="wall time of the sweep, for the page")
-    ap.add_argument("--conclusion", default=None, help="a Markdown file with the closing paragraphs of the page")
+    ap.add_argument("--conclusion", default=None, help="a Markdown file with the closing paragraphs of the page "
+                    "(make study passes docs/larex-study-conclusion.md: the reading of the measured table, kept by "
+                    "hand; update it when the numbers change)")
     args = ap.parse_args(argv)
 
     root = Path(args.root).resolve()
