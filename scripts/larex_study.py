@@ -23,6 +23,10 @@ from larex.reporting.study import choose, collect, newest_run, study_markdown, s
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def grid_layers(df: pd.DataFrame) -> str:
+    return " / ".join(f"`{h}`" for h in sorted(df["hooked_layer"].unique()))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="outputs", help="output_root of the study sweep (default: outputs)")
@@ -36,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     root = Path(args.root).resolve()
-    layers = sorted((root / "classification" / "fashion_mnist" / "small_cnn").glob("*/"))
-    df = collect([d for d in layers if d.is_dir()])
+    layers = sorted(d for d in root.glob("*/*/*/*/") if d.is_dir())  # <task>/<dataset>/<model>/<hooked_layer>
+    df = collect(layers)
     if df.empty:
         raise SystemExit(f"no larex-study evaluations under {root}: run `larex-run experiment=larex_study "
                          f"output_root={args.root}` first")
@@ -47,12 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     io.write_text(out / "larex-study.csv", df.drop(columns=["folder", "mtime"]).to_csv(index=False))
     from omegaconf import OmegaConf
 
-    sample = OmegaConf.load(next(root.glob("classification/*/*/*/evaluate-*/config.yaml")))
+    sample = OmegaConf.load(Path(df["folder"].iloc[0]) / "config.yaml")  # a study job's config, not a demo's
     sizes = ", ".join(f"{k} {v}" for k, v in OmegaConf.to_container(sample.limit).items())
     grid = "; ".join(f"{a} {sorted(df[a].unique().tolist())}" for a in ("estimator", "mc_samples", "drop_prob",
                                                                             "hooked_layer", "masks"))
     info = {"date": datetime.date.today().isoformat(), "command": "make study", "jobs": df["folder"].nunique(),
             "minutes": args.minutes or "?", "machine": f"{platform.machine()} CPU, 2 cores",
+            "setup": f"`{sample.model.name}` (hooked at {grid_layers(df)}) trained on `{sample.dataset.name}` "
+                     f"classes {list(sample.dataset.classes)}",
             "sizes": sizes + " images (limit.*)", "val_ood": list(sample.evaluate.val_ood), "grid": grid,
             "conclusion": Path(args.conclusion).read_text().strip() if args.conclusion else None}
     demo = None

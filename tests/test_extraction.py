@@ -16,6 +16,7 @@ from larex.extraction.mc import MC_LAYER_TYPES, eval_mode, mc_mode, mc_modules, 
 from larex.extraction.module import KNOWN_KEYS, FeatureExtractor
 from larex.models.resnet import ResNet18
 from larex.models.small_cnn import SmallCNN
+from _batches import predict_shuffled
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -357,13 +358,9 @@ def test_latents_of_an_image_do_not_depend_on_its_batch():
     with torch.no_grad():
         det_gap = float((model.eval()(x) - torch.cat([model.eval()(x[i:i + 1]) for i in range(64)])).abs().max())
     for bs in (1, 7, 64):
-        order = torch.randperm(64, generator=torch.Generator().manual_seed(bs))
-        parts = [fe.predict_step((x[order[i:i + bs]], torch.zeros(len(order[i:i + bs])), order[i:i + bs]))
-                 for i in range(0, 64, bs)]
-        lat = torch.cat([p["latent"] for p in parts])[torch.argsort(order)]
-        mc = torch.cat([p["mc_logits"] for p in parts])[torch.argsort(order)]
-        torch.testing.assert_close(lat, ref["latent"], rtol=0, atol=1e-5 * scale)
-        torch.testing.assert_close(mc, ref["mc_logits"], rtol=0, atol=max(100 * det_gap, 1e-5))
+        got = predict_shuffled(fe, x, bs, ("latent", "mc_logits"))
+        torch.testing.assert_close(got["latent"], ref["latent"], rtol=0, atol=1e-5 * scale)
+        torch.testing.assert_close(got["mc_logits"], ref["mc_logits"], rtol=0, atol=max(100 * det_gap, 1e-5))
     alone = fe.predict_step((x[5:6], torch.zeros(1), torch.tensor([0])))  # alone, with another row number
     torch.testing.assert_close(alone["latent"][0], ref["latent"][5], rtol=0, atol=1e-5 * scale)
     other = FeatureExtractor(model, "dropblock", mc_samples=8, drop_prob=0.5, block_size=3, keys=("latent",),

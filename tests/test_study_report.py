@@ -21,7 +21,8 @@ def _job(layer: Path, name: str, est: dict, s: int, val: dict[str, float], test:
     ev.mkdir(parents=True)
     cfg = {"tracking": {"run_name": run_name}, "aggregate": {"estimator": est},
            "hooked_layer": {"name": layer.name, "mc_samples": s, "drop_prob": 0.5, "masks": "per_image"},
-           "limit": {"fit": 10, "val": 5}, "evaluate": {"val_ood": ["fmnist_holdout_val"]}}
+           "limit": {"fit": 10, "val": 5}, "evaluate": {"val_ood": ["fmnist_holdout_val"]},
+           "model": {"name": "small_cnn"}, "dataset": {"name": "fashion_mnist", "classes": [0, 1]}}
     (ev / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     (ev / "evaluate.json").write_text("{}")
     rows = [{"ood": "fmnist_holdout_val", "method": m, "auroc": a, "fpr95": 1 - a} for m, a in val.items()]

@@ -1,6 +1,7 @@
 """The estimator contract: ``latent`` [n, S, D] (torch, float64, on ``device``) -> one feature row per input."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
@@ -8,7 +9,7 @@ import numpy as np
 import torch
 
 
-class Estimator:
+class Estimator(ABC):
     """Base of the aggregation estimators.
 
     Subclasses set ``output`` (the feature key they write, e.g. ``"entropy"``), implement :meth:`compute`
@@ -20,8 +21,9 @@ class Estimator:
     inputs: tuple[str, ...] = ("latent",)
     name: str = "estimator"
 
+    @abstractmethod
     def compute(self, latent: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """``latent`` [n, S, D] float64 -> [n, D_out], vectorized over the rows."""
 
     def params(self) -> dict[str, Any]:
         return {}

@@ -72,7 +72,7 @@ def collect(layer_dirs: Sequence[Path], run_name: str = "larex-study") -> pd.Dat
                     continue
                 row = {**axes, "method": method, "val_auroc": float(v["auroc"].iloc[0]),
                        "val_fpr95": float(v["fpr95"].iloc[0]), "test_auroc": float(tm["auroc"].iloc[0]),
-                       "test_fpr95": float(tm["fpr95"].iloc[0]), "folder": ev.name,
+                       "test_fpr95": float(tm["fpr95"].iloc[0]), "folder": str(ev),
                        "mtime": (ev / "evaluate.json").stat().st_mtime if (ev / "evaluate.json").is_file() else 0.0}
                 row.update({f"test_auroc/{o}": float(a) for o, a in zip(t["ood"], t["auroc"]) if o != "mean"})
                 rows.append(row)
@@ -204,8 +204,8 @@ def study_markdown(df: pd.DataFrame, chosen: dict[str, pd.Series], info: dict, p
              "regenerate with the same command. Every number below comes from the jobs' own "
              "`val_metrics.csv` / `metrics.csv`.", "",
              "## Set-up", "",
-             f"- Model and data: the demo's (small CNN with DropBlock trained on Fashion-MNIST classes 0-7), on "
-             f"smaller splits: {info.get('sizes', '')}.",
+             f"- Model and data: {info.get('setup', 'the study config')}, on smaller splits than the demo: "
+             f"{info.get('sizes', '')}.",
              "- **Choices are made on validation only**: mean AUROC of ID `val` against the validation OOD sets "
              f"{info.get('val_ood', '')} (disjoint from every reported set: other images, another corruption), as "
              "OpenOOD v1.5 does. The test columns (ID `test` vs " + ", ".join(test_sets) + ") are reported, never "
