@@ -17,12 +17,14 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-AXES = ("image", "box", "pixel", "token", "model")
-"""Row axes. ``image`` is the primary axis (shards split by image rows); ``model`` arrays have no rows."""
+AXES = ("image", "box", "gt", "pixel", "token", "model")
+"""Row axes. ``image`` is the primary axis (shards split by image rows); ``box`` = a predicted box, ``gt`` = a
+ground-truth object (detection); ``model`` arrays have no rows."""
 
 PRIMARY_AXIS = "image"
 
-LINK_KEYS: dict[str, str] = {"box": "image_index", "pixel": "image_index", "token": "image_index"}
+LINK_KEYS: dict[str, str] = {"box": "image_index", "gt": "gt_image_index", "pixel": "image_index",
+                             "token": "image_index"}
 """Secondary axis -> key holding each row's (global) image row index."""
 
 
@@ -152,7 +154,33 @@ for _spec in (
     FeatureSpec("entropy", "image", 2, "stage:aggregate",
                 "LaREx entropy of latent over the S samples [N, D] (estimator: configs/estimator)"),
     FeatureSpec("latent_mean", "image", 2, "stage:aggregate", "MC mean of latent over the S samples [N, D]"),
-    FeatureSpec("image_index", "box", 1, "stage:extract", "image row of each box row [M]"),
 ):
     register(_spec)
-del _spec, _CLS
+
+# detection (larex.tasks.detection): predicted boxes (box rows, with image_index), ground truth (gt rows) and the
+# image rows' no-object flag; the box producer writes one deterministic forward's boxes and RoI features
+_DET = ("detection",)
+_B = f"{_P}.boxes.Boxes"
+for _spec in (
+    FeatureSpec("image_index", "box", 1, _B, "image row of each box row [M]"),
+    FeatureSpec("boxes", "box", 2, _B, "predicted boxes, xyxy pixels of the original image [M, 4]", _DET),
+    FeatureSpec("box_scores", "box", 1, _B, "detector confidence of each box [M]", _DET),
+    FeatureSpec("box_labels", "box", 1, _B, "predicted class of each box [M]", _DET),
+    FeatureSpec("box_logits", "box", 2, _B, "per-class logits of each box [M, C]", _DET),
+    FeatureSpec("roi_features", "box", 2, _B, "RoIAlign of the box over the hooked map, channel means [M, D]",
+                _DET),
+    FeatureSpec("roi_latent", "box", 3, _B, "S DropBlock samples of the box's RoI features, channel means "
+                "[M, S, D]", _DET),
+    FeatureSpec("no_object", "image", 1, _B, "1 where the image has no box above predict_conf [N]", _DET),
+    FeatureSpec("box_entropy", "box", 2, "stage:aggregate", "LaREx entropy of roi_latent over the S samples "
+                "[M, D]", _DET),
+    FeatureSpec("box_latent_mean", "box", 2, "stage:aggregate", "MC mean of roi_latent [M, D]", _DET),
+    FeatureSpec("gt_image_index", "gt", 1, f"{_P}.ground_truth.GroundTruth", "image row of each ground-truth "
+                "object [G]", _DET),
+    FeatureSpec("gt_boxes", "gt", 2, f"{_P}.ground_truth.GroundTruth", "ground-truth boxes, xyxy pixels of the "
+                "original image [G, 4]", _DET),
+    FeatureSpec("gt_labels", "gt", 1, f"{_P}.ground_truth.GroundTruth", "ground-truth ID class of each object, "
+                "-1 = an unknown (OOD) object [G]", _DET),
+):
+    register(_spec)
+del _spec, _CLS, _DET, _B

@@ -58,8 +58,9 @@ class FeatureStore:
                 "overrides first")
 
     def rows(self, split: str, axis: str = features.PRIMARY_AXIS) -> int:
+        """Rows of ``axis`` in ``split``, from the manifest of a part holding a key of that axis."""
         for k, part in self.layout.parts.items():
-            if not features.is_model_key(k):
+            if not features.is_model_key(k) and features.axis(k) == axis:
                 m = io.read_manifest(self.layout.part_dir(split, part)) or {}
                 return int((m.get("axes") or {}).get(axis, m.get("rows", 0)))
         return 0

@@ -81,7 +81,9 @@ class _IndexView(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        image, _ = self.dataset[int(self.indices[i])]
+        image, target = self.dataset[int(self.indices[i])]
+        if isinstance(target, dict):  # detection: the objects' boxes and labels stay with the image
+            return image, target
         return image, int(self.targets[i])
 
 

@@ -58,6 +58,11 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def targets(self) -> np.ndarray:
+        """Image-level labels for the generic wrappers (``Subsample``): 0 for every image (objects carry theirs)."""
+        return np.zeros(len(self.images), dtype=np.int64)
+
     def __getitem__(self, i: int):
         from PIL import Image
 

@@ -96,6 +96,11 @@ class ShapesDetection(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    @property
+    def targets(self) -> np.ndarray:
+        """Image-level labels for the generic wrappers (``Subsample``): 0 for every image (objects carry theirs)."""
+        return np.zeros(self.length, dtype=np.int64)
+
     def _background(self, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
         n = self.image_size
         base = rng.uniform(0.15, 0.85, size=3)

@@ -113,7 +113,7 @@ class FeatureExtractor(pl.LightningModule):
         index = torch.as_tensor(index)
         if index.numel() == 0:
             raise ValueError("FeatureExtractor got an empty batch; drop empty batches from the loader")
-        return x, torch.as_tensor(y), index
+        return x, (y if isinstance(y, (list, tuple, dict)) else torch.as_tensor(y)), index  # detection: targets
 
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         producers = self.producers if self.select is None else self.select(self._unpack(batch)[2])

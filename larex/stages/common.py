@@ -181,8 +181,9 @@ def split_limit(cfg: DictConfig, split: str, stage: str = "extract") -> int | No
     return limits.get(key)
 
 
-def build_dataset(cfg: DictConfig, split: str, stage: str = "extract", task=None):
-    """Instantiate a split's dataset, subsample it (``limit``) and let the Task turn it into model inputs."""
+def build_dataset(cfg: DictConfig, split: str, stage: str = "extract", task=None, raw: bool = False):
+    """Instantiate a split's dataset, subsample it (``limit``) and let the Task turn it into model inputs
+    (``raw``: without the Task's input transform, for trainers with their own pipeline)."""
     from larex.data.base import Subsample
 
     spec = split_spec(cfg, split)
@@ -198,6 +199,8 @@ def build_dataset(cfg: DictConfig, split: str, stage: str = "extract", task=None
     limit = split_limit(cfg, split, stage)
     if limit is not None:
         ds = Subsample(ds, int(limit), seed=int(cfg.seed))
+    if raw:
+        return ds
     task = task if task is not None else build_task(cfg)
     return task.input_dataset(ds, input_spec(cfg))
 
@@ -273,7 +276,7 @@ def producer_context(cfg: DictConfig) -> dict:
     """The plain values producers take from the run (``Producer.from_plan``)."""
     ex = plain(cfg.extract)
     return {"seed": int(cfg.seed), "hooked_layer": plain(cfg.hooked_layer), "head": cfg.model.get("head"),
-            "extract": {"mc_batch": ex.get("mc_batch")}}
+            "extract": {"mc_batch": ex.get("mc_batch")}, "task": plain(cfg.task)}
 
 
 def aggregate_params(cfg: DictConfig) -> dict:
@@ -369,8 +372,15 @@ def prepare(cfg: DictConfig) -> Run:
     ensure_ood(cfg)
     set_threads(cfg.get("threads"))
     task = build_task(cfg)
-    specs = method_specs(cfg)
-    methods = {name: instantiate(spec) for name, spec in specs.items()}
+    selected = method_specs(cfg)
+    try:
+        views = task.expand_methods({name: instantiate(spec) for name, spec in selected.items()},
+                                    lambda name: instantiate(selected[name]))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    methods = {name: pp for name, (pp, _) in views.items()}
+    specs = {name: selected[base] if name == base else {**plain(selected[base]), "view": name}
+             for name, (_, base) in views.items()}
     requests = method_requests(methods)
     derived = task.derived_keys()
     task.check_keys(list(requests))

@@ -86,6 +86,8 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
     flat.update(val_flat)
     summary = _summary(run, store)
     flat.update({f"id/test_{k}": v for k, v in summary.items()})
+    table, split_flat = _with_split_metrics(table, run, store, oods)
+    flat.update(split_flat)
     io.write_text(out / "metrics.csv", table.to_csv(index=False))
     io.write_bytes(out / "metrics.parquet", table.to_parquet(index=False))
     if not val_table.empty:
@@ -123,6 +125,26 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
     if tracker is not None:
         common.console.print(f"MLflow run {tracker.run_id}: mlflow ui --backend-store-uri {tracker.uri}")
     return table
+
+
+def _with_split_metrics(table: pd.DataFrame, run: common.Run, store: FeatureStore, oods: list[str]):
+    """The Task's per-split figures (detection: no-object count and share) as ``id_<k>`` (ID test) and ``ood_<k>``
+    columns of every OOD row, and MLflow metrics ``<split>/<k>``; nothing for tasks without such figures."""
+    if not run.task.split_requires:
+        return table, {}
+    figs = {}
+    for split in ["test", *(f"ood/{o}" for o in oods)]:
+        keys = [k for k in run.task.split_requires if k in store.available(split)]
+        if len(keys) == len(run.task.split_requires):
+            figs[split] = run.task.split_metrics(store.get(split, keys))
+    if "test" not in figs:
+        return table, {}
+    table = table.copy()
+    for k in figs["test"]:
+        table[f"id_{k}"] = figs["test"][k]
+        table[f"ood_{k}"] = [figs.get(f"ood/{o}", {}).get(k, float("nan")) for o in table["ood"]]
+    flat = {f"{'id/test' if s == 'test' else s}/{k}": float(v) for s, f in figs.items() for k, v in f.items()}
+    return table, flat
 
 
 def _summary(run: common.Run, store: FeatureStore) -> dict[str, float]:

@@ -33,10 +33,10 @@ def check_layers(cfg: DictConfig, run: common.Run | None = None) -> None:
     """Fail before any compute when a planned producer names a layer (hooked layer, head, NAC layer) that the
     model does not have; the error lists the closest module names."""
     from larex.extraction.module import FeatureExtractor
-    from larex.stages.train import build_model
+    from larex.stages.train import build_model, with_mc_layer
 
     run = run or common.prepare(cfg)
-    FeatureExtractor(build_model(cfg), producers=run.plan.producers)
+    FeatureExtractor(with_mc_layer(cfg, build_model(cfg)), producers=run.plan.producers)
 
 
 def shard_size(cfg: DictConfig) -> int:

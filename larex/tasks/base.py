@@ -73,10 +73,32 @@ class Task(ABC):
         """Stage-written key -> the extracted keys it is computed from (for the extraction plan)."""
         return {s.output: s.inputs for s in self.aggregation_steps({})}
 
+    # ------------------------------------------------------------------ training
+    def train_model(self, model, dataset: Callable[..., Any], settings: Mapping[str, Any], device: torch.device,
+                    workdir) -> tuple[torch.nn.Module, dict[str, float]]:
+        """Train ``model`` on the ID ``fit`` split (``dataset("fit")``; ``dataset(split, raw=True)`` without the
+        input transform), validating on ``val``; returns the model (eval mode) and figures to record
+        (``val_...``). ``settings``: the model's ``train`` config plus ``seed``, ``progress``, ``num_workers``,
+        ``image_size``, ``names``. Default: this task trains no models."""
+        raise NotImplementedError(f"task {self.name!r} does not train models; give weights (train.checkpoint)")
+
+    # ------------------------------------------------------------------ methods
+    def expand_methods(self, methods: Mapping[str, Any], build: Callable[[str], Any]) -> dict[str, tuple[Any, str]]:
+        """The methods the task evaluates, from the selected ones: name -> ``(postprocessor, selected name)``.
+        Default: each selected method as it is; detection evaluates each at box and image level
+        (``box.<name>``, ``image.<name>``; ``build(name)`` makes another instance of a selected method)."""
+        return {n: (pp, n) for n, pp in methods.items()}
+
     # ------------------------------------------------------------------ metrics
     summary_requires: tuple[str, ...] = ()
+    split_requires: tuple[str, ...] = ()
+    """Keys :meth:`split_metrics` reads on every reported split."""
 
     def summary_metrics(self, feats: Mapping[str, np.ndarray]) -> dict[str, float]:
+        return {}
+
+    def split_metrics(self, feats: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Figures of one split reported beside the OOD metrics (detection: the no-object share); default none."""
         return {}
 
     def __repr__(self) -> str:

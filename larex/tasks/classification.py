@@ -41,6 +41,33 @@ class Classification(Task):
             raise ValueError(f"the entropy estimator {estimator!r} writes {estimator.output!r}, not 'entropy'")
         return [estimator_step(estimator, device), estimator_step(LatentMean(), device)]
 
+    def train_model(self, model, dataset, settings, device, workdir):
+        """Cross-entropy training with Lightning (:class:`~larex.models.classifier.LitClassifier`); records
+        ``val_accuracy``."""
+        import pytorch_lightning as pl
+        import torch
+
+        from larex.models.classifier import LitClassifier, accuracy
+
+        fit_ds, val_ds = dataset("fit"), dataset("val")
+        bs = int(settings["batch_size"])
+        g = torch.Generator().manual_seed(int(settings["seed"]))
+        workers = int(settings.get("num_workers", 0))
+        fit_dl = torch.utils.data.DataLoader(fit_ds, batch_size=bs, shuffle=True, generator=g, num_workers=workers,
+                                             drop_last=len(fit_ds) > bs)
+        val_dl = torch.utils.data.DataLoader(val_ds, batch_size=512, num_workers=workers)
+        lit = LitClassifier(model, lr=float(settings["lr"]), weight_decay=float(settings["weight_decay"]),
+                            optimizer=str(settings["optimizer"]), epochs=int(settings["epochs"]),
+                            **({"momentum": float(settings["momentum"])} if "momentum" in settings else {}))
+        accel = {"accelerator": "gpu", "devices": [device.index or 0]} if device.type == "cuda" else \
+            {"accelerator": "cpu", "devices": 1}
+        trainer = pl.Trainer(max_epochs=int(settings["epochs"]), logger=False, enable_checkpointing=False,
+                             enable_progress_bar=bool(settings.get("progress", True)), enable_model_summary=False,
+                             deterministic=False, **accel)
+        trainer.fit(lit, fit_dl, val_dl)
+        model = lit.model.eval()
+        return model, {"val_accuracy": accuracy(model, val_dl, device)}
+
     def summary_metrics(self, feats):
         if not set(self.summary_requires) <= set(feats):
             return {}

@@ -1,0 +1,143 @@
+"""Box rows of a detector: one deterministic forward, the kept boxes, their RoIAlign features over the hooked
+map and S DropBlock samples of those features (the box-level LaREx protocol, no extra network forward).
+
+Per batch (``x`` the network inputs, ``y`` the targets with each image's ``transform``, see
+:mod:`larex.tasks.detection.inputs`): ``model.detect`` (a :class:`~larex.models.detection.base.DetectorAdapter`)
+returns the detections of the batch while a hook records the hooked map [B, C, h, w]. Then, vectorized over boxes:
+
+* ``boxes`` = input-frame boxes mapped to the original image (gain + pad of each image's letterbox);
+* the input-frame boxes are mapped onto the hooked map by ``map_size / input_size`` per axis (the map covers the
+  padded input; ``fmap_w / img_w`` would be wrong under padding) and RoIAligned (``roi_output_size``,
+  ``sampling_ratio``, ``aligned``) -> ``roi_features`` = channel means [M, C];
+* ``roi_latent`` [M, S, C]: the RoI features under S DropBlock masks of the RoI grid (the hooked layer's MC layer
+  parameters, or ``hooked_layer.drop_prob`` / ``block_size``; masks drawn from the mask seed as the shared image
+  masks are, :func:`larex.extraction.mc.deterministic_masks`), channel means. The same masks for every box, so a
+  box's samples depend only on its features and the seed;
+* ``no_object`` [B]: 1 for an image without any kept box (its rows are absent, never dropped silently: the task
+  reports the count and share, and its image-level policy scores it).
+"""
+from __future__ import annotations
+
+import torch
+from torchvision.ops import roi_align
+
+from larex.extraction.hooks import capture_output, resolve_module
+from larex.extraction.mc import deterministic_masks, eval_mode, mc_modules
+from larex.extraction.producers.base import Producer, first_tensor
+
+BASE_KEYS = ("image_index", "boxes", "box_scores", "box_labels", "no_object")
+
+
+class Boxes(Producer):
+    """Args: hooked_layer (dotted path of the map RoIAligned), keys (``BASE_KEYS`` always; plus ``box_logits``,
+    ``roi_features``, ``roi_latent``), predict_conf / nms_iou / max_det (box selection), roi_output_size,
+    sampling_ratio, aligned (RoIAlign), mc_samples (S), seed (mask seed), drop_prob / block_size (RoI DropBlock;
+    None = the MC layer's), mask_norm (``expected`` | ``per_mask``, as for the image masks)."""
+
+    name = "boxes"
+    provides = (*BASE_KEYS, "box_logits", "roi_features", "roi_latent")
+
+    def __init__(self, hooked_layer: str, keys=BASE_KEYS, predict_conf: float = 0.25, nms_iou: float = 0.7,
+                 max_det: int = 100, roi_output_size: int = 7, sampling_ratio: int = 2, aligned: bool = True,
+                 mc_samples: int = 16, seed: int = 0, drop_prob: float | None = None, block_size: int | None = None,
+                 mask_norm: str = "expected"):
+        unknown = [k for k in keys if k not in self.provides]
+        if unknown:
+            raise ValueError(f"Boxes produces {self.provides}; got {unknown}")
+        super().__init__(tuple(k for k in self.provides if k in (*BASE_KEYS, *keys)))
+        if not 0.0 <= float(predict_conf) < 1.0:
+            raise ValueError(f"task.boxes.predict_conf must be in [0, 1); got {predict_conf!r}")
+        if int(max_det) < 1 or int(roi_output_size) < 1 or int(mc_samples) < 1:
+            raise ValueError("task.boxes.max_det, roi_output_size and hooked_layer.mc_samples must be >= 1")
+        self.hooked_layer, self.predict_conf, self.nms_iou = str(hooked_layer), float(predict_conf), float(nms_iou)
+        self.max_det, self.roi_output_size = int(max_det), int(roi_output_size)
+        self.sampling_ratio, self.aligned = int(sampling_ratio), bool(aligned)
+        self.mc_samples, self.seed = int(mc_samples), int(seed)
+        self.drop_prob, self.block_size, self.mask_norm = drop_prob, block_size, str(mask_norm)
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_plan(cls, keys, requests, context):
+        hl = dict(context["hooked_layer"])
+        boxes = dict((context.get("task") or {}).get("boxes") or {})
+        seed = hl.get("mask_seed") if hl.get("mask_seed") is not None else context.get("seed", 0)
+        return cls(str(hl["path"]), keys=keys, mc_samples=int(hl["mc_samples"]), seed=int(seed),
+                   drop_prob=hl.get("drop_prob"), block_size=hl.get("block_size"),
+                   mask_norm=str(hl.get("mask_norm", "expected")),
+                   **{k: boxes[k] for k in ("predict_conf", "nms_iou", "max_det", "roi_output_size",
+                                            "sampling_ratio", "aligned") if k in boxes})
+
+    def identity(self):
+        ident = {"keys": sorted(self.keys), "hooked_layer": self.hooked_layer, "predict_conf": self.predict_conf,
+                 "nms_iou": self.nms_iou, "max_det": self.max_det}
+        if {"roi_features", "roi_latent"} & set(self.keys):
+            ident.update(roi_output_size=self.roi_output_size, sampling_ratio=self.sampling_ratio,
+                         aligned=self.aligned)
+        if "roi_latent" in self.keys:
+            ident.update(mc_samples=self.mc_samples, seed=self.seed, drop_prob=self.drop_prob,
+                         block_size=self.block_size, mask_norm=self.mask_norm)
+        return ident
+
+    def _mc_layer(self, model):
+        inside = mc_modules(resolve_module(model, self.hooked_layer))
+        found = inside or mc_modules(model)
+        if not found:
+            raise ValueError(f"roi_latent needs DropBlock parameters: {type(model).__name__} has no dropout/DropBlock "
+                             "layer; set hooked_layer.insert (kind, drop_prob, block_size) to insert one at the "
+                             "hooked layer")
+        return found[0][1]
+
+    def setup(self, model):
+        resolve_module(model, self.hooked_layer)
+        if not callable(getattr(model, "detect", None)):
+            raise TypeError(f"box features need a detector adapter with detect(x, conf, iou, max_det) "
+                            f"(larex.models.detection); got {type(model).__name__}")
+        if "roi_latent" in self.keys:
+            self._mc_layer(model)
+
+    def roi_masks(self, model, channels: int, device) -> torch.Tensor:
+        """The S RoI masks [S, r, r] (float32 on ``device``)."""
+        r = self.roi_output_size
+        key = (channels, str(device))
+        if key not in self._masks:
+            mul, _ = deterministic_masks(self._mc_layer(model), (channels, r, r), self.mc_samples, self.seed, 0,
+                                         drop_prob=self.drop_prob, block_size=self.block_size, norm=self.mask_norm)
+            self._masks[key] = mul.reshape(self.mc_samples, -1, r, r)[:, 0].to(device=device, dtype=torch.float32)
+        return self._masks[key]
+
+    def produce(self, model, x, y, index):
+        from larex.tasks.detection.inputs import boxes_to_original
+
+        layer = resolve_module(model, self.hooked_layer)
+        with torch.inference_mode(), eval_mode(model), capture_output(layer) as cap:
+            det = model.detect(x, conf=self.predict_conf, iou=self.nms_iou, max_det=self.max_det)
+        if cap.calls != 1:
+            raise RuntimeError(f"hooked layer {self.hooked_layer!r} ran {cap.calls} times in one forward of "
+                               f"{type(model).__name__}; choose a layer that runs exactly once")
+        b = x.shape[0]
+        img = det.image_index.to(torch.int64)
+        transforms = torch.stack([torch.as_tensor(t["transform"]) for t in y]).to(img.device)
+        out = {"image_index": index.to(img.device)[img].cpu(),
+               "boxes": boxes_to_original(det.boxes, transforms[img]).float().cpu(),
+               "box_scores": det.scores.float().cpu(), "box_labels": det.labels.to(torch.int64).cpu(),
+               "no_object": (torch.bincount(img, minlength=b) == 0).to(torch.uint8).cpu()}
+        if "box_logits" in self.keys:
+            out["box_logits"] = det.logits.float().cpu()
+        if {"roi_features", "roi_latent"} & set(self.keys):
+            fmap = first_tensor(cap.value, f"hooked layer {self.hooked_layer!r}").float()
+            if fmap.dim() != 4:
+                raise ValueError(f"box features RoIAlign a map [B, C, h, w]; hooked layer {self.hooked_layer!r} "
+                                 f"gives {tuple(fmap.shape)}")
+            from larex.tasks.detection.geometry import to_feature_map
+
+            on_map = to_feature_map(det.boxes.float(), tuple(x.shape[-2:]), tuple(fmap.shape[-2:]))
+            rois = torch.cat([img.to(fmap.dtype)[:, None], on_map.to(fmap.device)], dim=1)
+            r = self.roi_output_size
+            roi = roi_align(fmap, rois, output_size=(r, r), spatial_scale=1.0, sampling_ratio=self.sampling_ratio,
+                            aligned=self.aligned)  # [M, C, r, r]
+            if "roi_features" in self.keys:
+                out["roi_features"] = roi.mean((2, 3)).cpu()
+            if "roi_latent" in self.keys:
+                masks = self.roi_masks(model, fmap.shape[1], fmap.device)
+                out["roi_latent"] = (torch.einsum("kchw,shw->ksc", roi, masks) / (r * r)).cpu()
+        return out

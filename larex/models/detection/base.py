@@ -1,0 +1,134 @@
+"""The detector adapter contract, shared post-processing (class-aware NMS, top-k per image) and the insertion of
+an MC layer (DropBlock / dropout) after a hooked layer.
+
+An adapter is an ``nn.Module`` around one detector family whose ``forward(x)`` runs the network on a batch of
+network inputs ``x`` [B, 3, H, W] (so hooks by dotted path work, ``model.model.9`` for YOLOv8's SPPF) and whose
+:meth:`DetectorAdapter.detect` returns the kept detections of the batch as one flat :class:`Detections`, boxes in
+the *input* frame (the Task maps them to the original image with each image's
+:class:`~larex.tasks.detection.geometry.BoxTransform`). Vectorized over images: no Python loop per image.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.ops import batched_nms
+
+
+@dataclass
+class Detections:
+    """The kept detections of a batch, flat: row k is a box of image ``image_index[k]`` (0..B-1).
+
+    ``boxes`` [K, 4] xyxy in input pixels, ``scores`` [K] (the detector's confidence), ``labels`` [K] (class
+    index), ``logits`` [K, C] (per-class logits of the box: sigmoid logits for YOLO/DETR-style heads, softmax
+    logits without the background for Faster R-CNN)."""
+
+    image_index: torch.Tensor
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    logits: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.image_index.shape[0])
+
+
+def top_per_image(image_index: torch.Tensor, scores: torch.Tensor, max_det: int) -> torch.Tensor:
+    """Indices of the ``max_det`` highest-scoring rows of every image, ordered by image then score (descending)."""
+    if image_index.numel() == 0:
+        return image_index.new_zeros(0, dtype=torch.long)
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(image_index[order], stable=True)]  # by image, score-descending within each
+    img = image_index[order]
+    first = torch.searchsorted(img, img, right=False)  # position of each image's first row (img is sorted)
+    rank = torch.arange(len(img), device=img.device) - first
+    return order[rank < max_det]
+
+
+def select_detections(boxes: torch.Tensor, probs: torch.Tensor, logits: torch.Tensor, conf: float, iou: float,
+                      max_det: int) -> Detections:
+    """Class-aware NMS over a batch of candidates.
+
+    Args:
+        boxes: [B, A, 4] xyxy candidates in input pixels; probs: [B, A, C] class scores; logits: [B, A, C].
+        conf: keep candidates whose best class score is > conf (``conf=0`` keeps every candidate).
+        iou: NMS IoU threshold (per image and class); max_det: boxes kept per image.
+    """
+    b, a, c = probs.shape
+    score, label = probs.max(-1)
+    keep = score > conf
+    img = torch.arange(b, device=boxes.device)[:, None].expand(b, a)[keep]
+    bx, sc, lb, lg = boxes[keep], score[keep], label[keep], logits[keep]
+    kept = batched_nms(bx.float(), sc.float(), img * c + lb, float(iou))
+    kept = kept[top_per_image(img[kept], sc[kept], int(max_det))]
+    return Detections(img[kept], bx[kept].float(), sc[kept].float(), lb[kept], lg[kept].float())
+
+
+class DetectorAdapter(nn.Module, ABC):
+    """Base class of the detector adapters (see the module docstring).
+
+    Subclasses set ``num_classes`` and implement :meth:`forward` (the raw network, for hooks and MC passes) and
+    :meth:`detect`. :meth:`train_detector` trains the wrapped network where the family has a trainer larex
+    drives (ultralytics); the others are used with given weights."""
+
+    num_classes: int
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor):
+        """The raw network output for inputs ``x`` [B, 3, H, W]."""
+
+    @abstractmethod
+    def detect(self, x: torch.Tensor, conf: float = 0.25, iou: float = 0.7, max_det: int = 100) -> Detections:
+        """One deterministic forward of ``x`` and the kept detections (eval mode, no gradients)."""
+
+    def train_detector(self, fit, val, settings: dict, device: torch.device, workdir) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} has no larex trainer: give its weights "
+                                  "(model.net.weights=PATH or a hub name, or train.checkpoint=PATH)")
+
+
+# -------------------------------------------------------------------------------------------------------- MC layer
+class WithMCLayer(nn.Module):
+    """``mc(inner(x))``: an MC layer inserted after a hooked module. Keeps the attributes a parent reads off its
+    children (ultralytics' ``f`` / ``i`` / ``type`` / ``np`` routing), so the network runs as before; in eval mode
+    the MC layer is the identity, so deterministic outputs do not change."""
+
+    def __init__(self, inner: nn.Module, mc: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.mc = mc
+        for attr in ("f", "i", "type", "np"):
+            if hasattr(inner, attr):
+                setattr(self, attr, getattr(inner, attr))
+
+    def forward(self, *args, **kwargs):
+        return self.mc(self.inner(*args, **kwargs))
+
+
+MC_LAYERS = ("dropblock", "dropout2d", "dropout")
+
+
+def insert_mc_layer(model: nn.Module, path: str, kind: str = "dropblock", drop_prob: float = 0.5,
+                    block_size: int = 3) -> nn.Module:
+    """Replace the module at ``path`` by :class:`WithMCLayer` (the module, then a ``kind`` layer) in place; the
+    hooked layer keeps its path and its output is the MC layer's. Returns ``model``."""
+    from dropblock import DropBlock2D
+
+    from larex.extraction.hooks import resolve_module
+
+    if kind not in MC_LAYERS:
+        raise ValueError(f"hooked_layer.insert.kind={kind!r} is unknown; use one of {MC_LAYERS}")
+    inner = resolve_module(model, path)
+    if isinstance(inner, WithMCLayer):
+        return model
+    mc = {"dropblock": lambda: DropBlock2D(drop_prob=float(drop_prob), block_size=int(block_size)),
+          "dropout2d": lambda: nn.Dropout2d(float(drop_prob)), "dropout": lambda: nn.Dropout(float(drop_prob))}[kind]()
+    parent_path, _, name = path.rpartition(".")
+    parent = resolve_module(model, parent_path)
+    wrapped = WithMCLayer(inner, mc)
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and name.isdigit():
+        parent[int(name)] = wrapped
+    else:
+        setattr(parent, name, wrapped)
+    return model

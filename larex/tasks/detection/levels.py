@@ -1,0 +1,158 @@
+"""Any postprocessor at box level and at image level, through the usual fit/score API.
+
+* :class:`BoxView`: the method on box rows -- its keys renamed to their box counterparts (``entropy`` ->
+  ``box_entropy``, ``logits`` -> ``box_logits``, ``penultimate`` -> ``roi_features``, ``labels`` ->
+  ``box_labels``, the predicted classes), one score per box.
+* :class:`ImageFromBoxes`: image scores from a :class:`BoxView`'s box scores by a reduction (``min``: the
+  least-ID box decides; ``mean``; ``score_weighted``: mean weighted by the detector's confidence; ``max``).
+  Images without a box above ``predict_conf`` (``no_object``) get the no-object score: ``val_min`` (default;
+  the lowest image score of ID ``val``, chosen at fit time, never on test) or ``fixed`` (``no_object_score``).
+
+Image-level methods that read only image-level MC features (``entropy``, ``latent_mean`` of the hooked map: the
+LaREx paper's protocol) run on image rows unchanged (:func:`image_native`).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from larex.postprocessors.base import Postprocessor
+
+BOX_KEYS = {"entropy": "box_entropy", "latent_mean": "box_latent_mean", "logits": "box_logits",
+            "penultimate": "roi_features", "labels": "box_labels"}
+"""Method key -> its box-row counterpart."""
+IMAGE_NATIVE_KEYS = ("entropy", "latent_mean")
+REDUCTIONS = ("min", "mean", "score_weighted", "max")
+NO_OBJECT = ("val_min", "fixed")
+
+
+def unsupported_keys(pp: Postprocessor) -> list[str]:
+    return [k for k in dict.fromkeys((*pp.fit_requires, *pp.requires)) if k not in BOX_KEYS]
+
+
+def image_native(pp: Postprocessor) -> bool:
+    return all(k in IMAGE_NATIVE_KEYS for k in (*pp.fit_requires, *pp.requires))
+
+
+class BoxView(Postprocessor):
+    """``inner`` on box rows (see the module docstring). Fit on the ID ``fit`` boxes, ``val`` boxes for its
+    hyperparameters."""
+
+    def __init__(self, inner: Postprocessor):
+        bad = unsupported_keys(inner)
+        if bad:
+            raise ValueError(f"{type(inner).__name__} reads {bad}, which detection models do not produce per box; "
+                             f"box-level methods read {sorted(BOX_KEYS)}")
+        self.inner = inner
+        self.name = f"box.{inner.name}"
+        self.requires = tuple(BOX_KEYS[k] for k in inner.requires)
+        self.fit_requires = tuple(BOX_KEYS[k] for k in inner.fit_requires)
+        self._back = {v: k for k, v in BOX_KEYS.items()}
+
+    def _rename(self, feats: Mapping[str, np.ndarray], keys) -> dict[str, np.ndarray]:
+        return {self._back[k]: feats[k] for k in keys if k in feats}
+
+    def extraction_params(self):
+        return {BOX_KEYS[k]: v for k, v in self.inner.extraction_params().items()}
+
+    @property
+    def score_axis(self) -> str:
+        return "box"
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.inner.is_fitted
+
+    def fit(self, fit, val=None):
+        self.inner.fit(self._rename(fit, self.fit_requires), None if val is None else self._rename(val, self.requires))
+        return self
+
+    def score(self, feats) -> np.ndarray:
+        return self.inner.score(self._rename(feats, self.requires))
+
+
+def reduce_boxes(box_scores: np.ndarray, image_index: np.ndarray, n_images: int, reduction: str,
+                 weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the ``reduction`` of its boxes' scores; returns ``(scores [N], has_box [N] bool)`` (scores of
+    images without a box are 0). Vectorized (scatter-reduce over the box rows)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"image_score.reduction={reduction!r} is unknown; use one of {REDUCTIONS}")
+    s = torch.as_tensor(np.asarray(box_scores, dtype=np.float64))
+    idx = torch.as_tensor(np.asarray(image_index, dtype=np.int64))
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_images):
+        raise ValueError(f"box rows link to images outside 0..{n_images - 1}")
+    counts = torch.bincount(idx, minlength=n_images)
+    out = torch.zeros(n_images, dtype=torch.float64)
+    if reduction in ("min", "max"):
+        out = out.scatter_reduce(0, idx, s, reduce="amin" if reduction == "min" else "amax", include_self=False)
+    elif reduction == "mean":
+        out = out.scatter_add(0, idx, s) / counts.clamp(min=1)
+    else:
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64)).clamp(min=0)
+        num = torch.zeros(n_images, dtype=torch.float64).scatter_add(0, idx, w * s)
+        den = torch.zeros(n_images, dtype=torch.float64).scatter_add(0, idx, w)
+        mean = torch.zeros(n_images, dtype=torch.float64).scatter_add(0, idx, s) / counts.clamp(min=1)
+        out = torch.where(den > 0, num / den.clamp(min=1e-300), mean)  # all-zero weights: the plain mean
+    has = counts > 0
+    return torch.where(has, out, torch.zeros_like(out)).numpy(), has.numpy()
+
+
+class ImageFromBoxes(Postprocessor):
+    """Image scores from the box scores of ``box`` (a :class:`BoxView`); see the module docstring."""
+
+    LINK = ("image_index", "box_scores", "no_object")
+
+    def __init__(self, box: BoxView, reduction: str = "min", no_object: str = "val_min",
+                 no_object_score: float | None = None):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"image_score.reduction={reduction!r} is unknown; use one of {REDUCTIONS}")
+        if no_object not in NO_OBJECT:
+            raise ValueError(f"image_score.no_object={no_object!r} is unknown; use one of {NO_OBJECT}")
+        if no_object == "fixed" and (no_object_score is None or not np.isfinite(float(no_object_score))):
+            raise ValueError("image_score.no_object=fixed needs a finite image_score.no_object_score")
+        self.box, self.reduction, self.no_object = box, reduction, no_object
+        self.no_object_score = None if no_object_score is None else float(no_object_score)
+        self.name = f"image.{box.inner.name}"
+        self.requires = tuple(dict.fromkeys((*box.requires, *self.LINK)))
+        self.fit_requires = tuple(dict.fromkeys((*box.fit_requires, *self.LINK)))
+        self.no_object_value_: float | None = None
+
+    def extraction_params(self):
+        return self.box.extraction_params()
+
+    @property
+    def score_axis(self) -> str:
+        return "image"
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.no_object_value_ is not None
+
+    def fit(self, fit, val=None):
+        self.box.fit(fit, val)
+        if self.no_object == "fixed":
+            self.no_object_value_ = float(self.no_object_score)
+        else:
+            ref = val if val is not None else fit
+            s, has = self._reduce(ref)
+            if not has.any():
+                raise ValueError(f"{self.name}: no ID {'val' if val is not None else 'fit'} image has a box above "
+                                 "predict_conf, so no no-object score can be chosen; lower task.boxes.predict_conf "
+                                 "or set image_score.no_object=fixed")
+            self.no_object_value_ = float(s[has].min())
+        return self
+
+    def _reduce(self, feats) -> tuple[np.ndarray, np.ndarray]:
+        n = int(np.asarray(feats["no_object"]).shape[0])
+        box_scores = self.box.score(feats) if len(feats["image_index"]) else np.zeros(0)
+        return reduce_boxes(box_scores, feats["image_index"], n, self.reduction, feats["box_scores"])
+
+    def score(self, feats) -> np.ndarray:
+        if not self.is_fitted:
+            from larex.postprocessors.base import NotFittedError
+
+            raise NotFittedError(f"{self.name} is not fitted: call .fit() before .score()")
+        s, has = self._reduce(feats)
+        return np.where(has, s, self.no_object_value_)

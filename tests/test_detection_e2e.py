@@ -1,0 +1,79 @@
+"""Detection end to end through the console scripts: YOLOv8 and RT-DETR (ultralytics, built from their YAML,
+random weights with calibrated BatchNorm statistics) on the generated shapes set; box- and image-level metrics,
+the no-object policy and counts, mAP."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.numpy import load_file
+
+from _cli import cli
+from _detection import calibrated_weights
+
+# a random network scores its boxes ~0.005..0.99: predict_conf 0.006 leaves about half the images without a box
+DET = ["task=detection", "dataset=shapes", "progress=false", "limit.fit=48", "limit.val=24", "limit.test=24",
+       "limit.ood=24", "task.boxes.predict_conf=0.006", "task.boxes.max_det=10", "extract.batch_size=8",
+       "hooked_layer.mc_samples=6", "postprocessor.lared.pca=8", "postprocessor.larem.pca=8", "device=cpu"]
+
+
+def _out_args(out):
+    return [f"output_root={out}", f"tracking.uri=sqlite:///{out}/mlflow.db"]
+
+
+def test_yolov8_detection_through_the_console_scripts(tmp_path):
+    weights = calibrated_weights("yolov8n.yaml", tmp_path / "yolo.safetensors")
+    out = tmp_path / "out"
+    args = [*DET, *_out_args(out), "model=yolov8", "hooked_layer=yolov8_sppf", f"model.net.weights={weights}",
+            "baselines=[msp,energy,mdist]"]
+    for stage in ("larex-extract", "larex-aggregate", "larex-evaluate"):
+        cli(stage, *args, cwd=tmp_path)
+    layer = out / "detection" / "shapes" / "yolov8" / "sppf"
+    df = pd.read_csv(layer / "latest" / "metrics.csv")
+    methods = {f"{lv}.{m}" for lv in ("box", "image") for m in ("lared", "larem", "msp", "energy", "mdist")}
+    assert set(df["method"]) == methods
+    rows = df[df["ood"] != "mean"]
+    assert set(rows["ood"]) == {"shapes_near", "shapes_far"}
+    assert rows["auroc"].between(0, 1).all() and np.isfinite(rows["threshold"]).all()
+
+    extract = next(layer.glob("extract-*"))
+    feats = {s: {k: v for p in (extract / s).glob("boxes-*") for f in sorted(p.glob("shard-*.safetensors"))
+                 for k, v in load_file(str(f)).items()} for s in ("val", "test", "ood/shapes_near")}
+    # no-object images are counted, not dropped: the table's shares are those of the stored flags
+    share = {s: float(f["no_object"].mean()) for s, f in feats.items()}
+    assert rows["id_no_object_share"].iloc[0] == pytest.approx(share["test"])
+    near = rows[rows["ood"] == "shapes_near"]
+    assert near["ood_no_object_share"].iloc[0] == pytest.approx(share["ood/shapes_near"])
+    assert 0 < share["test"] < 1  # images with and without boxes in one split
+    for f in feats.values():  # box rows link to images that have boxes, and only to those
+        linked = np.zeros(len(f["no_object"]), bool)
+        linked[f["image_index"] - f["image_index"].min() if len(f["image_index"]) else []] = True
+        assert len(f["box_scores"]) == len(f["image_index"]) == len(f["boxes"])
+        assert (f["box_scores"] > 0.006).all()
+    # image-level MSP: no-object images get the lowest image score of ID val (val_min policy)
+    scores = pd.read_parquet(next((layer / "scores").glob("image.msp-*.parquet")))
+    val, test = (scores[scores["split"] == s]["score"].to_numpy() for s in ("val", "test"))
+    val_has = feats["val"]["no_object"] == 0
+    no = feats["test"]["no_object"] == 1
+    assert np.all(test[no] == val[val_has].min())
+    results = (layer / "latest" / "results.md").read_text()
+    assert "map50" in results
+
+
+def test_rtdetr_extracts_box_and_image_features(tmp_path):
+    weights = calibrated_weights("rtdetr-l.yaml", tmp_path / "rtdetr.safetensors")
+    out = tmp_path / "out"
+    args = [*DET, *_out_args(out), "model=rtdetr", "hooked_layer=rtdetr_aifi", f"model.net.weights={weights}",
+            "task.boxes.predict_conf=0", "limit.fit=8", "limit.val=8", "limit.test=8", "limit.ood=8",
+            "+ood=[shapes_near]", "baselines=[msp]"]
+    cli("larex-extract", *args, cwd=tmp_path)
+    extract = next((out / "detection" / "shapes" / "rtdetr" / "aifi").glob("extract-*"))
+    boxes = {k: v for p in (extract / "test").glob("boxes-*") for k, v in
+             load_file(str(sorted(p.glob("shard-*.safetensors"))[0])).items()}
+    latent = {k: v for p in (extract / "test").glob("mc-*") for k, v in
+              load_file(str(sorted(p.glob("shard-*.safetensors"))[0])).items()}
+    assert boxes["roi_latent"].shape == (80, 6, 256)  # 8 images x max_det 10, 256 AIFI channels
+    assert boxes["box_logits"].shape == (80, 3) and (boxes["no_object"] == 0).all()
+    assert latent["latent"].shape == (8, 6, 256)
+    assert np.ptp(latent["latent"], axis=1).max() > 0  # the inserted DropBlock varies the MC samples
+    assert (boxes["boxes"][:, 2:] <= 160).all() and (boxes["boxes"] >= 0).all()

@@ -1,0 +1,100 @@
+"""Box- and image-level views of the postprocessors, the box -> image reductions, the no-object policy, and COCO
+mAP on hand-made detections."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from larex.postprocessors.logits import MSP
+from larex.postprocessors.lared import LaRED
+from larex.tasks.detection import Detection
+from larex.tasks.detection.levels import BoxView, ImageFromBoxes, reduce_boxes
+from larex.tasks.detection.map import coco_map
+
+
+def _boxes(rng, n_images, no_object=(), c=3):
+    counts = rng.integers(1, 5, size=n_images)
+    counts[list(no_object)] = 0
+    idx = np.repeat(np.arange(n_images), counts)
+    return {"image_index": idx, "box_logits": rng.normal(size=(len(idx), c)) * 3,
+            "box_scores": rng.uniform(0.1, 1, size=len(idx)),
+            "no_object": (counts == 0).astype(np.uint8)}
+
+
+@pytest.mark.parametrize("reduction", ["min", "mean", "max", "score_weighted"])
+def test_reduce_boxes_matches_a_groupby(reduction):
+    rng = np.random.default_rng(0)
+    f = _boxes(rng, 12, no_object=(3, 7))
+    s = rng.normal(size=len(f["image_index"]))
+    got, has = reduce_boxes(s, f["image_index"], 12, reduction, f["box_scores"])
+    df = pd.DataFrame({"i": f["image_index"], "s": s, "w": f["box_scores"]})
+    if reduction == "score_weighted":
+        ref = df.assign(ws=df.s * df.w).groupby("i").apply(lambda g: g.ws.sum() / g.w.sum(), include_groups=False)
+    else:
+        ref = getattr(df.groupby("i").s, reduction)()
+    np.testing.assert_array_equal(has, f["no_object"] == 0)
+    np.testing.assert_allclose(got[has], ref.to_numpy(), rtol=1e-12)
+    assert (got[~has] == 0).all()
+
+
+def test_box_view_renames_keys_and_scores_every_box():
+    rng = np.random.default_rng(1)
+    fit, test = _boxes(rng, 20), _boxes(rng, 8)
+    view = BoxView(MSP()).fit(fit)
+    assert view.requires == ("box_logits",) and view.score_axis == "box" and view.name == "box.msp"
+    ref = MSP().fit({"logits": fit["box_logits"]}).score({"logits": test["box_logits"]})
+    np.testing.assert_array_equal(view.score(test), ref)
+    lared = BoxView(LaRED(pca=None, bandwidth=1.0))
+    assert lared.requires == ("box_entropy",)
+
+
+def test_image_from_boxes_no_object_policies():
+    rng = np.random.default_rng(2)
+    fit, val, test = _boxes(rng, 30), _boxes(rng, 10, no_object=(4,)), _boxes(rng, 9, no_object=(0, 5))
+    img = ImageFromBoxes(BoxView(MSP()), "min", "val_min").fit(fit, val)
+    box_val = MSP().fit({"logits": fit["box_logits"]}).score({"logits": val["box_logits"]})
+    val_img = pd.Series(box_val).groupby(val["image_index"]).min()
+    assert img.no_object_value_ == pytest.approx(val_img.min())  # images with boxes only
+    s = img.score(test)
+    assert s.shape == (9,) and s[0] == s[5] == img.no_object_value_
+    box_test = MSP().fit({"logits": fit["box_logits"]}).score({"logits": test["box_logits"]})
+    ref = pd.Series(box_test).groupby(test["image_index"]).min()
+    np.testing.assert_allclose(s[ref.index.to_numpy()], ref.to_numpy())
+    fixed = ImageFromBoxes(BoxView(MSP()), "mean", "fixed", -7.5).fit(fit, val)
+    assert fixed.score(test)[[0, 5]].tolist() == [-7.5, -7.5]
+    with pytest.raises(ValueError, match="no_object_score"):
+        ImageFromBoxes(BoxView(MSP()), "mean", "fixed")
+    with pytest.raises(ValueError, match="reduction"):
+        ImageFromBoxes(BoxView(MSP()), "median")
+
+
+def test_detection_task_expands_each_method_to_box_and_image_level():
+    task = Detection()
+    views = task.expand_methods({"lared": LaRED(), "msp": MSP()},
+                                lambda n: {"lared": LaRED, "msp": MSP}[n]())
+    assert list(views) == ["box.lared", "image.lared", "box.msp", "image.msp"]
+    assert views["image.lared"][0].requires == ("entropy",)  # the image-level MC features (LaREx protocol)
+    assert isinstance(views["image.msp"][0], ImageFromBoxes)
+    assert {base for _, base in views.values()} == {"lared", "msp"}
+    from larex.postprocessors.mc_dropout import MCDEntropy
+
+    with pytest.raises(ValueError, match="mc_logits"):
+        task.expand_methods({"mcd": MCDEntropy()}, lambda n: MCDEntropy())
+
+
+def test_coco_map_on_hand_made_detections():
+    gt_idx = np.array([0, 0, 1])
+    gt_boxes = np.array([[0, 0, 10, 10], [20, 20, 40, 40], [5, 5, 25, 25]], dtype=np.float64)
+    gt_labels = np.array([0, 1, 0])
+    perfect = coco_map(2, gt_idx, gt_boxes, np.ones(3), gt_labels, gt_idx, gt_boxes, gt_labels)
+    assert perfect == pytest.approx({"map": 1.0, "map50": 1.0, "map75": 1.0})
+    # class 0: one of its two objects found (the other box is far off) -> AP 0.5 on the 101-point recall grid
+    # (precision 1 up to recall 0.5: 51 of 101 points); class 1 found exactly -> AP 1; mean 0.752475...
+    boxes = gt_boxes.copy()
+    boxes[2] = [60, 60, 80, 80]
+    half = coco_map(2, gt_idx, boxes, np.array([0.9, 0.8, 0.7]), gt_labels, gt_idx, gt_boxes, gt_labels)
+    assert half["map50"] == pytest.approx((51 / 101 + 1) / 2)
+    # unknown objects (-1) are not scored
+    unk = coco_map(2, gt_idx[:2], gt_boxes[:2], np.ones(2), gt_labels[:2], gt_idx, gt_boxes, np.array([0, 1, -1]))
+    assert unk["map50"] == pytest.approx(1.0)
