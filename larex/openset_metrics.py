@@ -65,10 +65,14 @@ def openset_metrics(images: Sequence[Mapping[str, torch.Tensor]], threshold: flo
         unknown = ~gk
         n_unknown += int(unknown.sum())
         n_known += int(gk.sum())
-        a_ose += int((unknown & hit & accepted[m.clamp(min=0)]).sum())
-        flagged_hits += int((unknown & hit & ~accepted[m.clamp(min=0)]).sum())
+        if pb.shape[0]:  # per ground-truth object: is its matched prediction accepted, and of its label?
+            acc_m, same = accepted[m.clamp(min=0)], pl[m.clamp(min=0)] == gl
+        else:  # no prediction: nothing matched
+            acc_m = same = torch.zeros(gb.shape[0], dtype=torch.bool)
+        a_ose += int((unknown & hit & acc_m).sum())
+        flagged_hits += int((unknown & hit & ~acc_m).sum())
         # true positives: accepted predictions matched to a known object of their own label
-        tp = int((gk & hit & accepted[m.clamp(min=0)] & (pl[m.clamp(min=0)] == gl)).sum())
+        tp = int((gk & hit & acc_m & same).sum())
         acc = int(accepted.sum())
         tp_all += tp
         acc_all += acc

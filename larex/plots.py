@@ -218,3 +218,43 @@ def score_histogram(series: Mapping[str, np.ndarray], title: str, path: str | Pa
         return _save(fig, Path(path))
     finally:
         plt.close(fig)
+
+
+def boxes_figure(panels, title: str, path: str | Path, threshold: float | None = None,
+                 limits: tuple[float, float] | None = None) -> Path:
+    """A grid of images with their boxes coloured by OOD score (viridis: yellow = most ID); a box scored below
+    ``threshold`` (flagged OOD) is drawn dashed. ``panels``: ``(image [3, H, W] in [0, 1], boxes [K, 4] xyxy,
+    scores [K], caption)``; ``limits``: the colour scale (default: the scores' range)."""
+    plt = _pyplot()
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    panels = list(panels)
+    if not panels:
+        raise ValueError("boxes_figure needs at least one image")
+    allscores = np.concatenate([np.asarray(p[2], dtype=np.float64).reshape(-1) for p in panels])
+    if limits is None:
+        limits = (float(allscores.min()), float(allscores.max())) if allscores.size else (0.0, 1.0)
+    lo, hi = limits
+    norm = Normalize(lo, hi if hi > lo else lo + 1.0)
+    cmap = plt.get_cmap("viridis")
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (image, boxes, scores, caption) in zip(axes.ravel(), panels):
+        img = np.asarray(image, dtype=np.float64)
+        ax.imshow(np.clip(img.transpose(1, 2, 0) if img.ndim == 3 else img, 0, 1))
+        for (x0, y0, x1, y1), s in zip(np.asarray(boxes).reshape(-1, 4), np.asarray(scores).reshape(-1)):
+            flagged = threshold is not None and s < threshold
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.6, color=cmap(norm(s)),
+                                   ls="--" if flagged else "-"))
+        ax.set_title(caption, fontsize=8)
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.6, label="OOD score (higher = more ID)")
+    fig.suptitle(title + ("" if threshold is None else "  (dashed: below the ID-val threshold)"), fontsize=10)
+    try:
+        return _save(fig, Path(path))
+    finally:
+        plt.close(fig)

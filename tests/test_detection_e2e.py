@@ -56,6 +56,11 @@ def test_yolov8_detection_through_the_console_scripts(tmp_path):
     val_has = feats["val"]["no_object"] == 0
     no = feats["test"]["no_object"] == 1
     assert np.all(test[no] == val[val_has].min())
+    # open-set figures of the box-level methods at their ID-val thresholds; every near/far object is unknown
+    box_rows = rows[rows["method"].str.startswith("box.")]
+    assert box_rows["unknown_recall"].between(0, 1).all() and (box_rows["a_ose"] >= 0).all()
+    assert rows[rows["method"].str.startswith("image.")]["a_ose"].isna().all()
+    assert (layer / "latest" / "plots" / "boxes_box.lared.png").stat().st_size > 10_000
     results = (layer / "latest" / "results.md").read_text()
     assert "map50" in results
 

@@ -46,3 +46,14 @@ def test_openset_figures_on_a_counted_example():
     assert math.isclose(strict["wilderness_impact"], 0.5 / (2 / 3) - 1)
     none = openset_metrics([known_only], threshold=0.5)
     assert math.isnan(none["unknown_recall"]) and none["wilderness_impact"] == 0.0
+
+
+def test_images_without_predictions_count_their_objects_as_missed():
+    empty = {"gt_boxes": _t([[0, 0, 10, 10], [20, 20, 30, 30]]), "gt_labels": _t([-1, 0], torch.int64),
+             "gt_known": _t([False, True], torch.bool), "pred_boxes": torch.zeros(0, 4),
+             "pred_labels": torch.zeros(0, dtype=torch.int64), "pred_scores": torch.zeros(0)}
+    hit = {"gt_boxes": _t([[0, 0, 10, 10]]), "gt_labels": _t([-1], torch.int64), "gt_known": _t([False], torch.bool),
+           "pred_boxes": _t([[0, 0, 10, 10]]), "pred_labels": _t([0], torch.int64), "pred_scores": _t([0.1])}
+    m = openset_metrics([empty, hit], threshold=0.5)
+    assert (m["n_unknown"], m["n_known"], m["a_ose"]) == (2, 1, 0)
+    assert m["unknown_recall"] == 0.5  # the flagged hit; the object of the empty image is missed

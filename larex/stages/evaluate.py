@@ -88,6 +88,8 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
     flat.update({f"id/test_{k}": v for k, v in summary.items()})
     table, split_flat = _with_split_metrics(table, run, store, oods)
     flat.update(split_flat)
+    table, method_flat = _with_method_metrics(table, run, store, all_scores, oods)
+    flat.update(method_flat)
     io.write_text(out / "metrics.csv", table.to_csv(index=False))
     io.write_bytes(out / "metrics.parquet", table.to_parquet(index=False))
     if not val_table.empty:
@@ -95,6 +97,8 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
     io.write_text(out / "results.md", results_markdown(table, title(cfg), summary, val_table))
     io.write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pngs = evaluation_plots(out / "plots", all_scores, oods, table, tpr) if cfg.evaluate.plots else []
+    if cfg.evaluate.plots:
+        pngs += _task_plots(cfg, run, store, all_scores, oods, table, out / "plots")
 
     info = {"config_hash": h}
     if tracker is not None:
@@ -145,6 +149,47 @@ def _with_split_metrics(table: pd.DataFrame, run: common.Run, store: FeatureStor
         table[f"ood_{k}"] = [figs.get(f"ood/{o}", {}).get(k, float("nan")) for o in table["ood"]]
     flat = {f"{'id/test' if s == 'test' else s}/{k}": float(v) for s, f in figs.items() for k, v in f.items()}
     return table, flat
+
+
+def _with_method_metrics(table: pd.DataFrame, run: common.Run, store: FeatureStore, all_scores, oods: list[str]):
+    """The Task's per-method figures at each method's ID-val threshold (detection: open-set figures of box-level
+    methods) as columns of the method's OOD rows, and MLflow metrics ``<ood>/<method>/<k>``."""
+    keys = run.task.method_requires
+    splits = ["test", *(f"ood/{o}" for o in oods)]
+    if not keys or any(set(keys) - store.available(s) for s in splits):
+        return table, {}
+    table, flat = table.copy(), {}
+    for name, scores in all_scores.items():
+        rows = (table["method"] == name) & (table["ood"] != "mean")
+        if not rows.any():
+            continue
+        threshold = float(table.loc[rows, "threshold"].iloc[0])
+        figs = run.task.method_metrics(run.methods[name], scores, lambda s: store.get(s, keys), oods, threshold)
+        for ood, values in figs.items():
+            for k, v in values.items():
+                table.loc[rows & (table["ood"] == ood), k] = v
+                flat[f"{ood}/{name}/{k}"] = float(v)
+    return table, flat
+
+
+def _task_plots(cfg, run: common.Run, store: FeatureStore, all_scores, oods, table, directory: Path) -> list[Path]:
+    """The Task's figures (detection: images with their boxes coloured by OOD score), raw images read back from
+    the split's dataset for the few rows shown."""
+    keys = run.task.method_requires
+    if not keys or any(set(keys) - store.available(s) for s in ["test", *(f"ood/{o}" for o in oods)]):
+        return []
+    from larex.data.base import to_image_tensor
+
+    datasets: dict[str, object] = {}
+
+    def images(split: str, rows) -> list:
+        if split not in datasets:
+            datasets[split] = common.build_dataset(cfg, split, raw=True)
+        return [to_image_tensor(datasets[split][int(r)][0]).numpy() for r in rows]
+
+    rows = table[table["ood"] != "mean"]
+    thresholds = dict(zip(rows["method"], rows["threshold"]))
+    return run.task.plots(directory, all_scores, lambda s: store.get(s, keys), images, oods, thresholds)
 
 
 def _summary(run: common.Run, store: FeatureStore) -> dict[str, float]:

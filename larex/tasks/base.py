@@ -97,6 +97,23 @@ class Task(ABC):
     def summary_metrics(self, feats: Mapping[str, np.ndarray]) -> dict[str, float]:
         return {}
 
+    method_requires: tuple[str, ...] = ()
+    """Keys :meth:`method_metrics` reads on ID ``test`` and every OOD split."""
+
+    def method_metrics(self, method, scores: Mapping[str, np.ndarray], feats: Callable[[str], Mapping[str, np.ndarray]],
+                       oods: Sequence[str], threshold: float) -> dict[str, dict[str, float]]:
+        """Task figures of one method per OOD set at its ID-val ``threshold`` (detection: the open-set figures of a
+        box-level method), ``{ood: {name: value}}``; ``scores``: split -> the method's scores, ``feats(split)``:
+        the :attr:`method_requires` keys of a split. Default none."""
+        return {}
+
+    def plots(self, directory, all_scores: Mapping[str, Mapping[str, np.ndarray]], feats: Callable[[str], Any],
+              images: Callable[[str, Sequence[int]], list], oods: Sequence[str], thresholds: Mapping[str, float]
+              ) -> list:
+        """Task figures written under ``directory`` (detection: images with boxes coloured by OOD score); the
+        paths. ``feats(split)``: the split's :attr:`method_requires` keys; ``images(split, rows)``: raw images."""
+        return []
+
     def split_metrics(self, feats: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Figures of one split reported beside the OOD metrics (detection: the no-object share); default none."""
         return {}

@@ -141,6 +141,20 @@ def write_yolo_dataset(splits: dict, root: Path, names: list[str]) -> Path:
     return data
 
 
+@contextlib.contextmanager
+def _no_integrations():
+    """Ultralytics' trainer without its logger integrations (MLflow, TensorBoard, ...): larex tracks the run
+    itself, and ultralytics' MLflow callback would log into whatever store its settings name."""
+    from ultralytics.utils import callbacks
+
+    original = callbacks.add_integration_callbacks
+    callbacks.add_integration_callbacks = lambda instance: None
+    try:
+        yield
+    finally:
+        callbacks.add_integration_callbacks = original
+
+
 def _train_ultralytics(self: UltralyticsDetector, fit, val, settings: dict, device: torch.device, workdir) -> dict:
     """Train with ultralytics' own trainer from this adapter's YAML (random init) on ``fit``, validating on
     ``val``; the trained weights replace this adapter's. ``settings``: epochs, batch_size, image_size, lr0,
@@ -159,7 +173,8 @@ def _train_ultralytics(self: UltralyticsDetector, fit, val, settings: dict, devi
                 name="train", exist_ok=True, seed=int(settings.get("seed", 0)), deterministic=True, verbose=False,
                 **({"lr0": float(settings["lr0"])} if settings.get("lr0") is not None else {}),
                 **dict(settings.get("extra") or {}))
-    model.train(**args)
+    with _no_integrations():
+        model.train(**args)
     self.model.load_state_dict(model.model.float().state_dict())
     metrics = getattr(model.trainer, "metrics", None) or {}
     return {"val_map50": float(metrics.get("metrics/mAP50(B)", float("nan"))),

@@ -129,9 +129,72 @@ class Detection(Task):
         return coco_map(n, feats["image_index"], feats["boxes"], feats["box_scores"], feats["box_labels"],
                         feats["gt_image_index"], feats["gt_boxes"], feats["gt_labels"])
 
+    method_requires = ("image_index", "boxes", "box_labels", "no_object", "gt_image_index", "gt_boxes", "gt_labels")
+
+    def method_metrics(self, method, scores, feats, oods, threshold):
+        """Open-set figures of a box-level method (:mod:`larex.openset_metrics`) per OOD set, on ID test + that
+        set's images: boxes accepted as known when their score >= the ID-val threshold; unknown objects are the
+        OOD set's ground-truth objects labelled -1 (``a_ose``, ``unknown_recall``, ``wilderness_impact``)."""
+        if getattr(method, "score_axis", None) != "box":
+            return {}
+        from larex.openset_metrics import openset_metrics
+
+        test = _images(feats("test"), scores["test"])
+        out = {}
+        for ood in oods:
+            figs = openset_metrics(test + _images(feats(f"ood/{ood}"), scores[f"ood/{ood}"]), float(threshold),
+                                   float(self.boxes.get("match_iou", 0.5)))
+            out[ood] = {k: figs[k] for k in ("a_ose", "unknown_recall", "wilderness_impact")}
+        return out
+
+    def plots(self, directory, all_scores, feats, images, oods, thresholds, per_split: int = 4):
+        """Per box-level method, ``boxes_<method>.png``: ``per_split`` images of ID test and of each OOD set (the
+        first images with boxes) with their boxes coloured by the method's score, dashed below its threshold."""
+        from pathlib import Path
+
+        from larex import plots
+
+        out = []
+        for name, scores in all_scores.items():
+            if not name.startswith("box."):
+                continue
+            panels = []
+            for split in ["test", *(f"ood/{o}" for o in oods)]:
+                f = feats(split)
+                idx = np.asarray(f["image_index"])
+                rows = [int(r) for r in np.unique(idx)[:per_split]]
+                for r, img in zip(rows, images(split, rows)):
+                    sel = idx == r
+                    panels.append((img, np.asarray(f["boxes"])[sel], np.asarray(scores[split])[sel],
+                                   f"{split} #{r}"))
+            if panels:
+                val = np.asarray(scores["val"], dtype=np.float64)
+                limits = (float(np.quantile(val, 0.01)), float(val.max())) if val.size else None
+                out.append(plots.boxes_figure(panels, f"{name}: boxes by OOD score", Path(directory) /
+                                              f"boxes_{name}.png", thresholds.get(name), limits))
+        return out
+
     def split_metrics(self, feats):
         """Count and share of the split's images without a box above ``predict_conf``."""
         if "no_object" not in feats:
             return {}
         no = np.asarray(feats["no_object"]).astype(bool)
         return {"no_object_images": float(no.sum()), "no_object_share": float(no.mean()) if len(no) else float("nan")}
+
+
+def _images(feats, box_scores) -> list[dict]:
+    """Per image of a split, its predictions (boxes, labels, OOD scores) and ground truth, for the open-set
+    figures (box rows are stored in image order; the split is cut at each image's first row)."""
+    import torch
+
+    n = int(np.asarray(feats["no_object"]).shape[0])
+    cut = lambda idx: np.searchsorted(np.asarray(idx), np.arange(1, n))  # noqa: E731  (rows link to 0..n-1)
+    pb, pl = np.split(np.asarray(feats["boxes"]), cut(feats["image_index"])), \
+        np.split(np.asarray(feats["box_labels"]), cut(feats["image_index"]))
+    ps = np.split(np.asarray(box_scores, dtype=np.float64), cut(feats["image_index"]))
+    gb, gl = np.split(np.asarray(feats["gt_boxes"]), cut(feats["gt_image_index"])), \
+        np.split(np.asarray(feats["gt_labels"]), cut(feats["gt_image_index"]))
+    return [{"pred_boxes": torch.as_tensor(b).reshape(-1, 4), "pred_labels": torch.as_tensor(lab),
+             "pred_scores": torch.as_tensor(sc), "gt_boxes": torch.as_tensor(g).reshape(-1, 4),
+             "gt_labels": torch.as_tensor(gla), "gt_known": torch.as_tensor(gla >= 0)}
+            for b, lab, sc, g, gla in zip(pb, pl, ps, gb, gl)]
