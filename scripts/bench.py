@@ -17,6 +17,9 @@ Every row is measured in this run; speed rows time larex and its reference on th
   (``share_prefix=False``), S=16, on a random-init ResNet-18 (hooked at ``dropblock``, 32x32) and SmallCNN
   (28x28, hooked at ``dropblock`` as in the default config and at ``block3``), with keys ``latent`` and
   ``latent + mc_logits``; same seed, so the latents must agree to 1e-6.
+* ``detection/*`` box-level LaREx extraction (one forward + RoIAlign + S DropBlock samples of the RoI features)
+  vs a plain deterministic ``detect`` of the same model (goal <= 1.3x its time), and image-level MC latents of
+  the hooked map with the shared prefix vs S full passes, for YOLOv8n and Faster R-CNN MobileNetV3.
 * ``memory/*``    peak RSS of the extraction stage (``Trainer.predict`` streaming to safetensors shards)
   at N and 10N images, each in a fresh process: the goal is <20% growth.
 * ``stages/*``    (last; about 3 minutes of the run on 2 cores) per-stage wall time of
@@ -61,6 +64,7 @@ from larex.io import write_text
 
 # group -> its row builder in benchmarks.<group> (imported when the group runs)
 BUILDERS = {"entropy": "entropy_rows", "estimators": "estimators_rows", "scoring": "scoring_rows", "baselines": "baseline_rows", "mc": "mc_rows",
+            "detection": "detection_rows",
             "memory": "memory_rows", "stages": "stages_rows"}
 assert set(BUILDERS) == set(GROUPS)
 

@@ -131,13 +131,42 @@ class Boxes(Producer):
             from larex.tasks.detection.geometry import to_feature_map
 
             on_map = to_feature_map(det.boxes.float(), tuple(x.shape[-2:]), tuple(fmap.shape[-2:]))
-            rois = torch.cat([img.to(fmap.dtype)[:, None], on_map.to(fmap.device)], dim=1)
-            r = self.roi_output_size
-            roi = roi_align(fmap, rois, output_size=(r, r), spatial_scale=1.0, sampling_ratio=self.sampling_ratio,
-                            aligned=self.aligned)  # [M, C, r, r]
+            masks = self.roi_masks(model, fmap.shape[1], fmap.device) if "roi_latent" in self.keys else None
+            feats, latent = roi_means(fmap, img.to(fmap.device), on_map.to(fmap.device), self.roi_output_size,
+                                      self.sampling_ratio, self.aligned, masks)
             if "roi_features" in self.keys:
-                out["roi_features"] = roi.mean((2, 3)).cpu()
-            if "roi_latent" in self.keys:
-                masks = self.roi_masks(model, fmap.shape[1], fmap.device)
-                out["roi_latent"] = (torch.einsum("kchw,shw->ksc", roi, masks) / (r * r)).cpu()
+                out["roi_features"] = feats.cpu()
+            if latent is not None:
+                out["roi_latent"] = latent.cpu()
         return out
+
+
+def roi_means(fmap: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor, r: int, sampling_ratio: int,
+              aligned: bool, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Channel means of the RoIAlign grids (``[K, C]``) and, with ``masks`` [S, r, r], of the masked grids
+    (``[K, S, C]``: ``mean_hw(roi * mask_s)``), for boxes [K, 4] in map pixels on images ``image`` [K].
+
+    RoIAlign is linear in the map, so every grid mean is a weighted sum of the map's cells. When the map has fewer
+    cells than channels (a stride-32 map: 5 x 5 at 160 px), those weights are computed by RoIAlign of a one-hot
+    basis of the h * w cells and applied with one batched product, instead of aligning all C channels; else
+    RoIAlign runs on the map itself. Both are the same numbers (up to float rounding)."""
+    b, c, h, w = fmap.shape
+    k = boxes.shape[0]
+    if k == 0:
+        return fmap.new_zeros(0, c), (None if masks is None else fmap.new_zeros(0, masks.shape[0], c))
+    if h * w >= c:  # large map: align the channels themselves
+        rois = torch.cat([image.to(fmap.dtype)[:, None], boxes.to(fmap.dtype)], dim=1)
+        roi = roi_align(fmap, rois, output_size=(r, r), spatial_scale=1.0, sampling_ratio=sampling_ratio,
+                        aligned=aligned)  # [K, C, r, r]
+        latent = None if masks is None else torch.einsum("kchw,shw->ksc", roi, masks) / (r * r)
+        return roi.mean((2, 3)), latent
+    basis = torch.eye(h * w, dtype=fmap.dtype, device=fmap.device).reshape(1, h * w, h, w)
+    rois = torch.cat([torch.zeros_like(boxes[:, :1], dtype=fmap.dtype), boxes.to(fmap.dtype)], dim=1)
+    weights = roi_align(basis, rois, output_size=(r, r), spatial_scale=1.0, sampling_ratio=sampling_ratio,
+                        aligned=aligned).reshape(k, h * w, r * r)  # cell j's weight in each grid bin
+    cells = fmap.reshape(b, c, h * w)[image]  # [K, C, hw]
+    feats = torch.bmm(cells, weights.mean(2, keepdim=True))[..., 0]
+    if masks is None:
+        return feats, None
+    per_sample = torch.einsum("kjq,sq->ksj", weights, masks.reshape(masks.shape[0], r * r)) / (r * r)
+    return feats, torch.bmm(per_sample, cells.transpose(1, 2))  # [K, S, C]
