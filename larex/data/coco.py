@@ -23,17 +23,19 @@ from larex import io
 class CocoDetection(Dataset):
     """Args: root (folder), annotations (JSON path, relative to root), images (image folder, relative to root),
     classes (category names mapped to labels 0..C-1 in this order; annotations of other categories are dropped;
-    None = every category in file order)."""
+    None = every category in file order), config_key (the config key of ``root``, named in the missing-file
+    error)."""
 
     def __init__(self, root: str | Path, annotations: str = "annotations.json", images: str = "images",
-                 classes: Sequence[str] | None = None):
+                 classes: Sequence[str] | None = None, config_key: str | None = None):
         self.root = Path(root).expanduser()
         ann_path, self.image_dir = self.root / annotations, self.root / images
         missing = [str(p) for p in (ann_path, self.image_dir) if not p.exists()]
         if missing:
-            raise FileNotFoundError(f"COCO-format data: {', '.join(missing)} not found; set the dataset's root "
-                                    f"(e.g. dataset.root=DIR or ood.<name>.root=DIR, default under data_root) to a "
-                                    f"folder holding {annotations} and {images}/")
+            key = f"{config_key}=DIR (or data_root=DIR)" if config_key else \
+                "the dataset's root (e.g. dataset.root=DIR or ood.<name>.root=DIR, default under data_root)"
+            raise FileNotFoundError(f"COCO-format data: {', '.join(missing)} not found; set {key} to a folder "
+                                    f"holding {annotations} and {images}/")
         data = json.loads(ann_path.read_text())
         for key in ("images", "annotations", "categories"):
             if key not in data:
