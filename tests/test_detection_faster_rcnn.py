@@ -127,3 +127,41 @@ def test_faster_rcnn_resnet50_extracts_box_and_image_features(tmp_path):
     assert boxes["roi_latent"].shape == (20, 4, 2048)  # 4 images x max_det 5, layer4's 2048 channels
     assert boxes["box_logits"].shape == (20, 3) and (boxes["no_object"] == 0).all()
     assert mc["latent"].shape == (4, 4, 2048) and np.ptp(mc["latent"], axis=1).max() > 0
+
+
+def test_fpn_levels_give_concatenated_image_features_and_level0_box_features():
+    """hooked_layer=faster_rcnn_fpn: one DropBlock per FPN level; the image latent = the per-level channel means
+    concatenated (3 x 256 for MobileNetV3-FPN), the shared-prefix MC equals S full passes, an image alone equals
+    the same image in a batch; box features RoIAlign level "0"."""
+    import copy
+
+    from larex.extraction.mc import mc_modules
+    from larex.extraction.producers.boxes import Boxes
+    from larex.extraction.producers.monte_carlo import MonteCarlo
+    from larex.models.detection.base import insert_mc_layer
+
+    m = insert_mc_layer(copy.deepcopy(calibrated_rcnn("mobilenet_v3_large_fpn", image_size=SIZE, min_size=SIZE,
+                                                      max_size=SIZE, **FAST)), "model.backbone.fpn", levels=3).eval()
+    assert len(mc_modules(m)) == 3
+    x = shapes_batch(3, SIZE)
+    idx = torch.arange(3)
+    shared = MonteCarlo("model.backbone.fpn", 4, keys=("latent",), seed=1).produce(m, x, None, idx)["latent"]
+    full = MonteCarlo("model.backbone.fpn", 4, keys=("latent",), seed=1, share_prefix=False).produce(
+        m, x, None, idx)["latent"]
+    alone = MonteCarlo("model.backbone.fpn", 4, keys=("latent",), seed=1).produce(m, x[1:2], None, idx[:1])["latent"]
+    assert shared.shape == (3, 4, 768)
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(alone[0], shared[1], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        levels = m.model.backbone(x)  # eval: the inserted layers are the identity
+    want = torch.cat([v.mean((2, 3)) for v in levels.values()], 1)
+    plain = MonteCarlo("model.backbone.fpn", 2, keys=("latent",), seed=1, drop_prob=0.0).produce(
+        m, x, None, idx)["latent"]  # no drop: every sample = the levels' channel means, in level order
+    torch.testing.assert_close(plain, want[:, None].expand_as(plain), rtol=0, atol=1e-5)
+    assert float(shared.std(1).mean()) > 0  # the levels' masks vary the samples
+    boxes = Boxes("model.backbone.fpn", keys=("roi_features", "roi_latent"), predict_conf=0.0, max_det=5,
+                  mc_samples=4)
+    boxes.setup(m)
+    y = [{"transform": torch.tensor([1.0, 1.0, 0.0, 0.0, SIZE, SIZE], dtype=torch.float64)}] * 3
+    out = boxes.produce(m, x, y, idx)
+    assert out["roi_features"].shape[1] == 256 and out["roi_latent"].shape[1:] == (4, 256)

@@ -3,7 +3,7 @@ image), and activation reductions."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -513,6 +513,9 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
 def reduce_activation(t: torch.Tensor, layout: str = "auto") -> torch.Tensor:
     """Reduce a batch of activations to ``[B, D]``.
 
+    * a mapping of maps (an FPN's levels, ``{"0": [B, C, h0, w0], ...}``): the per-level reductions concatenated
+      in the mapping's order, ``[B, sum C]`` (5 x 256 = 1280 for Faster R-CNN's FPN);
+
     * ``[B, D]``: kept raw (fully-connected layer).
     * ``"channels_first"`` (``auto`` for >= 4-D): ``[B, C, *spatial]`` -> per-channel mean over
       all spatial dims, ``[B, C]``.
@@ -521,6 +524,8 @@ def reduce_activation(t: torch.Tensor, layout: str = "auto") -> torch.Tensor:
     """
     if layout not in REDUCTIONS:
         raise ValueError(f"reduce_activation layout={layout!r} is unknown; use one of {REDUCTIONS}")
+    if isinstance(t, Mapping) and t and all(isinstance(v, torch.Tensor) for v in t.values()):
+        return torch.cat([reduce_activation(v, layout) for v in t.values()], dim=1)
     if not isinstance(t, torch.Tensor) or t.dim() < 2:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"reduce_activation needs a tensor [B, D] or larger; got {shape}. "

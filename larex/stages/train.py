@@ -33,7 +33,8 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
 
 
 def with_mc_layer(cfg: DictConfig, model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with the MC layer of ``hooked_layer.insert`` (kind, drop_prob, block_size) inserted after the
+    """``model`` with the MC layer of ``hooked_layer.insert`` (kind, drop_prob, block_size, levels: one per FPN
+    level of a hooked mapping) inserted after the
     hooked layer, for models without dropout there (detectors); unchanged when ``insert`` is null. Applied to
     loaded weights only: training and the deterministic outputs never see it (eval mode = identity)."""
     ins = cfg.hooked_layer.get("insert")
@@ -42,7 +43,7 @@ def with_mc_layer(cfg: DictConfig, model: torch.nn.Module) -> torch.nn.Module:
     from larex.models.detection.base import insert_mc_layer
 
     return insert_mc_layer(model, str(cfg.hooked_layer.path), str(ins.get("kind", "dropblock")),
-                           float(ins.get("drop_prob", 0.5)), int(ins.get("block_size", 3)))
+                           float(ins.get("drop_prob", 0.5)), int(ins.get("block_size", 3)), ins.get("levels"))
 
 
 def load_model(cfg: DictConfig) -> torch.nn.Module:

@@ -157,7 +157,9 @@ class MonteCarlo(Producer):
         expanded = [False]
 
         def expand(module: nn.Module, args: tuple) -> tuple | None:
-            if expanded[0] or not args or not isinstance(args[0], torch.Tensor):
+            # the first MC layer's input, and that of any MC layer on the same once-per-image activations (one per
+            # FPN level), is repeated S times; MC layers further on already see the S-fold rows
+            if not args or not isinstance(args[0], torch.Tensor) or (expanded[0] and args[0].shape[0] != xi.shape[0]):
                 return None
             expanded[0] = True
             return (args[0].repeat_interleave(s, dim=0), *args[1:])
@@ -180,8 +182,9 @@ class MonteCarlo(Producer):
                 raise RuntimeError(
                     f"hooked layer {self.hooked_layer!r} ran {cap.calls} times in one forward of "
                     f"{type(model).__name__}; choose a layer that runs exactly once")
-            value = reduce_activation(first_tensor(cap.value, f"hooked layer {self.hooked_layer!r}"),
-                                      self.reduction).float()
+            out = cap.value if isinstance(cap.value, dict) else first_tensor(cap.value,
+                                                                              f"hooked layer {self.hooked_layer!r}")
+            value = reduce_activation(out, self.reduction).float()  # a dict of FPN levels: their means concatenated
             if value.shape[0] * s == rows and value.shape[0] != rows:  # hooked layer runs before every MC layer
                 value = value.repeat_interleave(s, dim=0)
             if value.shape[0] != rows:

@@ -106,13 +106,29 @@ class WithMCLayer(nn.Module):
         return self.mc(self.inner(*args, **kwargs))
 
 
+class PerLevelMC(nn.Module):
+    """One MC layer per level of a mapping of maps (an FPN's ``{"0": [B, C, h, w], ...}``), applied in the
+    mapping's order; returns a mapping of the same type. Each level gets its own masks (its own MC layer)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.levels = nn.ModuleList(layers)
+
+    def forward(self, maps):
+        if len(maps) != len(self.levels):
+            raise ValueError(f"the hooked layer gives {len(maps)} levels; hooked_layer.insert.levels is "
+                             f"{len(self.levels)}")
+        return type(maps)((k, m(v)) for (k, v), m in zip(maps.items(), self.levels))
+
+
 MC_LAYERS = ("dropblock", "dropout2d", "dropout")
 
 
 def insert_mc_layer(model: nn.Module, path: str, kind: str = "dropblock", drop_prob: float = 0.5,
-                    block_size: int = 3) -> nn.Module:
+                    block_size: int = 3, levels: int | None = None) -> nn.Module:
     """Replace the module at ``path`` by :class:`WithMCLayer` (the module, then a ``kind`` layer) in place; the
-    hooked layer keeps its path and its output is the MC layer's. Returns ``model``."""
+    hooked layer keeps its path and its output is the MC layer's. ``levels``: the module returns a mapping of that
+    many maps (an FPN), each followed by its own MC layer (:class:`PerLevelMC`). Returns ``model``."""
     from dropblock import DropBlock2D
 
     from larex.extraction.hooks import resolve_module
@@ -122,8 +138,9 @@ def insert_mc_layer(model: nn.Module, path: str, kind: str = "dropblock", drop_p
     inner = resolve_module(model, path)
     if isinstance(inner, WithMCLayer):
         return model
-    mc = {"dropblock": lambda: DropBlock2D(drop_prob=float(drop_prob), block_size=int(block_size)),
-          "dropout2d": lambda: nn.Dropout2d(float(drop_prob)), "dropout": lambda: nn.Dropout(float(drop_prob))}[kind]()
+    make = {"dropblock": lambda: DropBlock2D(drop_prob=float(drop_prob), block_size=int(block_size)),
+            "dropout2d": lambda: nn.Dropout2d(float(drop_prob)), "dropout": lambda: nn.Dropout(float(drop_prob))}[kind]
+    mc = make() if levels is None else PerLevelMC([make() for _ in range(int(levels))])
     parent_path, _, name = path.rpartition(".")
     parent = resolve_module(model, parent_path)
     wrapped = WithMCLayer(inner, mc)
