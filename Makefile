@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export YOLO_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install test test-all demo bench study clean
+.PHONY: install test test-all demo demo-detection bench study clean
 
 install:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
@@ -28,6 +28,9 @@ test-all:
 
 demo:
 	$(BIN)/larex-run experiment=fmnist_demo $(ARGS)
+
+demo-detection:
+	YOLO_CONFIG_DIR=$${YOLO_CONFIG_DIR:-$$(mktemp -d)} $(BIN)/larex-run experiment=detection_demo $(ARGS)
 
 bench:
 	$(BIN)/python scripts/bench.py $(ARGS)
