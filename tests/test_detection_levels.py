@@ -98,3 +98,33 @@ def test_coco_map_on_hand_made_detections():
     # unknown objects (-1) are not scored
     unk = coco_map(2, gt_idx[:2], gt_boxes[:2], np.ones(2), gt_labels[:2], gt_idx, gt_boxes, np.array([0, 1, -1]))
     assert unk["map50"] == pytest.approx(1.0)
+
+
+def test_box_view_fits_on_a_seeded_subset_of_at_most_fit_boxes():
+    rng = np.random.default_rng(3)
+    fit, test = _boxes(rng, 40), _boxes(rng, 5)
+    n = len(fit["image_index"])
+    capped = BoxView(LaRED(pca=None, bandwidth=1.0, standardize=False), fit_boxes=20, seed=4)
+    feats = {"box_entropy": rng.normal(size=(n, 3))}
+    capped.fit(feats)
+    keep = np.sort(np.random.default_rng(4).choice(n, size=20, replace=False))
+    ref = LaRED(pca=None, bandwidth=1.0, standardize=False).fit({"entropy": feats["box_entropy"][keep]})
+    q = {"box_entropy": rng.normal(size=(7, 3))}
+    np.testing.assert_allclose(capped.score(q), ref.score({"entropy": q["box_entropy"]}))
+    with pytest.raises(ValueError, match="fit_boxes"):
+        Detection(fit_boxes=0)
+
+
+def test_scoring_settings_change_method_hashes_not_the_extraction():
+    from hydra import compose, initialize_config_module
+
+    from larex.stages.common import prepare
+
+    base = ["task=detection", "dataset=shapes", "model=yolov8", "hooked_layer=yolov8_sppf", "baselines=[msp]"]
+    with initialize_config_module(config_module="larex.configs", version_base="1.3"):
+        runs = [prepare(compose("run", overrides=base + extra)) for extra in
+                ([], ["task.image_score.reduction=mean"], ["task.boxes.predict_conf=0.1"])]
+    assert runs[0].layout.extract_hash == runs[1].layout.extract_hash == runs[2].layout.extract_hash
+    assert runs[0].method_hash("image.msp") != runs[1].method_hash("image.msp")  # rescored, not re-extracted
+    assert runs[0].plan.parts["boxes"] == runs[1].plan.parts["boxes"] != runs[2].plan.parts["boxes"]
+    assert runs[0].method_hash("box.msp") != runs[2].method_hash("box.msp")

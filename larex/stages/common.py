@@ -293,9 +293,17 @@ def _dataset_identity(cfg: DictConfig) -> dict:
     return d
 
 
+def task_identity(cfg: DictConfig, task=None) -> dict:
+    """The task config without the settings that neither training nor the extracted rows depend on
+    (``Task.scoring_settings``, ``Task.producer_settings``)."""
+    task = task if task is not None else build_task(cfg)
+    skip = {*getattr(task, "scoring_settings", ()), *getattr(task, "producer_settings", ())}
+    return {k: v for k, v in plain(cfg.task).items() if k not in skip}
+
+
 def train_hash(cfg: DictConfig) -> str:
     return io.config_hash({
-        "task": plain(cfg.task), "dataset": _dataset_identity(cfg), "model": plain(cfg.model),
+        "task": task_identity(cfg), "dataset": _dataset_identity(cfg), "model": plain(cfg.model),
         "seed": cfg.seed, "limit": {k: cfg.train.limit.get(k) for k in ("fit", "val")},
         "checkpoint": cfg.train.checkpoint,
     })
@@ -306,13 +314,15 @@ def split_hash(cfg: DictConfig, split: str) -> str:
     return io.config_hash({"split": plain(split_spec(cfg, split)), "limit": split_limit(cfg, split)})
 
 
-def extract_hash(cfg: DictConfig) -> str:
+def extract_hash(cfg: DictConfig, task=None) -> str:
     """Everything that fixes the model and the rows: trained weights, ID data, limits, seed, input transform.
 
     Producer parameters are not in it: each producer part has its own hash, so runs needing other features
-    add parts beside the shared ones."""
+    add parts beside the shared ones; nor are the task settings that only the scoring reads
+    (``Task.scoring_settings``: detection's image-score policy, in the method hashes) or that producers take
+    (``Task.producer_settings``: detection's box selection, in the box part's hash)."""
     weights = {"given": str(cfg.train.checkpoint)} if cfg.train.get("checkpoint") else {"train": train_hash(cfg)}
-    return io.config_hash({"model": weights, "task": plain(cfg.task), "dataset": _dataset_identity(cfg),
+    return io.config_hash({"model": weights, "task": task_identity(cfg, task), "dataset": _dataset_identity(cfg),
                            "limit": plain(cfg.limit), "seed": cfg.seed, "input": input_spec(cfg)})
 
 
@@ -379,7 +389,8 @@ def prepare(cfg: DictConfig) -> Run:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     methods = {name: pp for name, (pp, _) in views.items()}
-    specs = {name: selected[base] if name == base else {**plain(selected[base]), "view": name}
+    scoring = {k: plain(cfg.task[k]) for k in getattr(task, "scoring_settings", ()) if k in cfg.task}
+    specs = {name: selected[base] if name == base else {**plain(selected[base]), "view": name, "task": scoring}
              for name, (_, base) in views.items()}
     requests = method_requests(methods)
     derived = task.derived_keys()
@@ -390,7 +401,7 @@ def prepare(cfg: DictConfig) -> Run:
         raise ConfigError(str(err)) from err
     task.check_keys(list(plan.parts))
     splits = all_splits(cfg)
-    ex_hash = extract_hash(cfg)
+    ex_hash = extract_hash(cfg, task)
     latent_parts = sorted({plan.parts[i] for k in derived if k in requests for i in derived[k] if i in plan.parts})
     steps = [s for s in task.aggregation_steps(aggregate_params(cfg)) if s.output in requests]
     agg_hash = io.config_hash({"extract": ex_hash, "inputs": latent_parts, "steps": [dict(s.identity) for s in steps]})

@@ -40,6 +40,12 @@ class Task(ABC):
     """Base class; subclasses set ``name`` and implement :meth:`input_dataset` and what else differs."""
 
     name: str = "task"
+    scoring_settings: tuple[str, ...] = ()
+    """Keys of the task config that only the scoring reads (not the extracted rows): out of the extraction hash,
+    in the hashes of the methods the task expands (:meth:`expand_methods`)."""
+    producer_settings: tuple[str, ...] = ()
+    """Keys of the task config that producers read (``Producer.from_plan`` context ``task``) and put in their part
+    hashes: out of the extraction hash, so other settings keep the other parts."""
     always_keys: tuple[str, ...] = ()
     """Keys extracted in every plan of this task, whatever the methods read (cheap ones the reports use)."""
 

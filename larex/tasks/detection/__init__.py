@@ -38,9 +38,12 @@ def _renamed_step(estimator, inp: str, out: str, device: str) -> AggregationStep
 class Detection(Task):
     """Args: boxes (box selection and RoIAlign settings, see :data:`DEFAULT_BOXES`), image_score (reduction
     and no-object policy, :data:`DEFAULT_IMAGE_SCORE`), input (resize mode, stride, padding fill), levels (which
-    of ``box`` / ``image`` to evaluate)."""
+    of ``box`` / ``image`` to evaluate), fit_boxes (box-level methods fit on at most this many ID fit boxes, a
+    seeded random subset; null = all)."""
 
     name = "detection"
+    scoring_settings = ("image_score", "levels", "fit_boxes")
+    producer_settings = ("boxes",)  # in the box producer's part hash
     always_keys = ("boxes", "gt_boxes")  # mAP, the no-object counts and the open-set figures read them
     summary_requires = ("no_object", "image_index", "boxes", "box_scores", "box_labels", "gt_image_index",
                         "gt_boxes", "gt_labels")
@@ -48,8 +51,11 @@ class Detection(Task):
 
     def __init__(self, name: str | None = None, boxes: Mapping[str, Any] | None = None,
                  image_score: Mapping[str, Any] | None = None, input: Mapping[str, Any] | None = None,
-                 levels=("box", "image")):
+                 levels=("box", "image"), fit_boxes: int | None = None):
         super().__init__(name)
+        if fit_boxes is not None and (isinstance(fit_boxes, bool) or int(fit_boxes) < 1):
+            raise ValueError(f"task.fit_boxes must be a positive integer or null; got {fit_boxes!r}")
+        self.fit_boxes = None if fit_boxes is None else int(fit_boxes)
         self.boxes = {**DEFAULT_BOXES, **dict(boxes or {})}
         self.image_score = {**DEFAULT_IMAGE_SCORE, **dict(image_score or {})}
         self.input = {**DEFAULT_INPUT, **dict(input or {})}
@@ -94,13 +100,13 @@ class Detection(Task):
         out = {}
         for n, pp in methods.items():
             if "box" in self.levels:
-                out[f"box.{n}"] = (BoxView(pp), n)
+                out[f"box.{n}"] = (BoxView(pp, self.fit_boxes), n)
             if "image" in self.levels:
                 if image_native(pp):
                     out[f"image.{n}"] = (build(n), n)
                 else:
                     s = self.image_score
-                    out[f"image.{n}"] = (ImageFromBoxes(BoxView(build(n)), str(s["reduction"]),
+                    out[f"image.{n}"] = (ImageFromBoxes(BoxView(build(n), self.fit_boxes), str(s["reduction"]),
                                                         str(s["no_object"]), s.get("no_object_score")), n)
         return out
 

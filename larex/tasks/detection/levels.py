@@ -37,15 +37,15 @@ def image_native(pp: Postprocessor) -> bool:
 
 
 class BoxView(Postprocessor):
-    """``inner`` on box rows (see the module docstring). Fit on the ID ``fit`` boxes, ``val`` boxes for its
-    hyperparameters."""
+    """``inner`` on box rows (see the module docstring). Fit on the ID ``fit`` boxes (at most ``fit_boxes`` of
+    them, a ``seed``ed random subset), ``val`` boxes for its hyperparameters."""
 
-    def __init__(self, inner: Postprocessor):
+    def __init__(self, inner: Postprocessor, fit_boxes: int | None = None, seed: int = 0):
         bad = unsupported_keys(inner)
         if bad:
             raise ValueError(f"{type(inner).__name__} reads {bad}, which detection models do not produce per box; "
                              f"box-level methods read {sorted(BOX_KEYS)}")
-        self.inner = inner
+        self.inner, self.fit_boxes, self.seed = inner, fit_boxes, int(seed)
         self.name = f"box.{inner.name}"
         self.requires = tuple(BOX_KEYS[k] for k in inner.requires)
         self.fit_requires = tuple(BOX_KEYS[k] for k in inner.fit_requires)
@@ -66,7 +66,12 @@ class BoxView(Postprocessor):
         return self.inner.is_fitted
 
     def fit(self, fit, val=None):
-        self.inner.fit(self._rename(fit, self.fit_requires), None if val is None else self._rename(val, self.requires))
+        arrays = self._rename(fit, self.fit_requires)
+        n = len(next(iter(arrays.values()))) if arrays else 0
+        if self.fit_boxes is not None and n > self.fit_boxes:  # a seeded subset of the fit boxes (memory of KDE/kNN)
+            keep = np.sort(np.random.default_rng(self.seed).choice(n, size=self.fit_boxes, replace=False))
+            arrays = {k: np.asarray(v)[keep] for k, v in arrays.items()}
+        self.inner.fit(arrays, None if val is None else self._rename(val, self.requires))
         return self
 
     def score(self, feats) -> np.ndarray:
