@@ -185,20 +185,27 @@ def test_box_producer_needs_a_detector_and_an_mc_layer():
     assert math.isfinite(Boxes("pool").predict_conf)
 
 
-@pytest.mark.parametrize("size,channels", [((5, 5), 64), ((12, 9), 16)])  # the one-hot basis path and the direct one
-def test_roi_means_equal_the_means_of_roi_align(size, channels):
+@pytest.mark.parametrize("size,channels,ratio,aligned", [((5, 5), 64, 2, True), ((4, 6), 64, 1, False),
+                                                         ((5, 5), 64, 3, False), ((12, 9), 16, 2, True),
+                                                         ((5, 5), 64, 0, True)])
+def test_roi_means_equal_the_means_of_roi_align(size, channels, ratio, aligned):
+    """The separable weights (coarse maps) and RoIAlign itself (fine maps, adaptive sampling) give torchvision's
+    grid means, boxes partly outside the map and thinner than a cell included."""
     from larex.extraction.producers.boxes import roi_means
 
     g = torch.Generator().manual_seed(1)
     fmap = torch.rand((3, channels, *size), generator=g, dtype=torch.float64)
     h, w = size
-    xy = torch.rand((10, 2), generator=g, dtype=torch.float64) * torch.tensor([w - 1.0, h - 1.0])
-    wh = torch.rand((10, 2), generator=g, dtype=torch.float64) * 4 + 0.2
+    xy = torch.rand((12, 2), generator=g, dtype=torch.float64) * torch.tensor([w + 1.0, h + 1.0]) - 1.5
+    wh = torch.rand((12, 2), generator=g, dtype=torch.float64) * 4 + 0.05
     boxes = torch.cat([xy, xy + wh], 1)
-    image = torch.tensor([0, 1, 2, 2, 1, 0, 0, 1, 2, 0])
+    image = torch.tensor([0, 1, 2, 2, 1, 0, 0, 1, 2, 0, 1, 2])
     masks = torch.rand((6, 7, 7), generator=g, dtype=torch.float64)
-    feats, latent = roi_means(fmap, image, boxes, 7, 2, True, masks)
-    roi = roi_align(fmap, torch.cat([image[:, None].double(), boxes], 1), (7, 7), 1.0, 2, True)
+    feats, latent = roi_means(fmap, image, boxes, 7, ratio, aligned, masks)
+    roi = roi_align(fmap, torch.cat([image[:, None].double(), boxes], 1), (7, 7), 1.0, ratio, aligned)
     np.testing.assert_allclose(feats.numpy(), roi.mean((2, 3)).numpy(), rtol=0, atol=1e-12)
     want = (roi[:, None] * masks[None, :, None]).mean((3, 4))
     np.testing.assert_allclose(latent.numpy(), want.numpy(), rtol=0, atol=1e-12)
+    alone, none = roi_means(fmap, image, boxes, 7, ratio, aligned)
+    assert none is None
+    np.testing.assert_allclose(alone.numpy(), roi.mean((2, 3)).numpy(), rtol=0, atol=1e-12)

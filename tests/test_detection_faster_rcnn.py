@@ -115,6 +115,7 @@ def test_faster_rcnn_mobilenet_through_the_console_scripts(tmp_path):
     assert rows["ood_no_object_share"].iloc[0] == pytest.approx(seen["ood/shapes_near"].mean())
 
 
+@pytest.mark.slow  # ResNet-50-FPN: the MobileNetV3 test above covers the family in make test
 def test_faster_rcnn_resnet50_extracts_box_and_image_features(tmp_path):
     weights = calibrated_rcnn_weights("resnet50_fpn", tmp_path / "rcnn.safetensors", image_size=SIZE)
     out = tmp_path / "out"

@@ -141,32 +141,64 @@ class Boxes(Producer):
         return out
 
 
+def _axis_weights(lo: torch.Tensor, hi: torch.Tensor, r: int, ratio: int, size: int, aligned: bool) -> torch.Tensor:
+    """torchvision RoIAlign's bilinear weights along one axis, averaged over each bin's ``ratio`` samples:
+    ``[K, r, size]`` (bin p of box k, map cell i). A sample outside [-1, size] weighs nothing; one beyond the last
+    cell takes the last cell -- torchvision's rules, axis by axis."""
+    start = lo - 0.5 if aligned else lo
+    length = hi - lo if aligned else (hi - lo).clamp(min=1.0)
+    step = (torch.arange(r, dtype=lo.dtype, device=lo.device)[:, None]
+            + (torch.arange(ratio, dtype=lo.dtype, device=lo.device)[None, :] + 0.5) / ratio)  # [r, ratio]
+    y = start[:, None, None] + step[None] * (length / r)[:, None, None]  # [K, r, ratio]
+    inside = ((y >= -1.0) & (y <= size)).to(lo.dtype)
+    y = y.clamp(min=0.0)
+    low = y.floor().long()
+    edge = low >= size - 1
+    low = torch.where(edge, torch.full_like(low, size - 1), low)
+    frac = torch.where(edge, torch.zeros_like(y), y - low.to(y.dtype))
+    high = torch.where(edge, low, low + 1)
+    w = (torch.nn.functional.one_hot(low, size).to(lo.dtype) * (1 - frac)[..., None]
+         + torch.nn.functional.one_hot(high, size).to(lo.dtype) * frac[..., None])
+    return (w * inside[..., None]).mean(2)
+
+
 def roi_means(fmap: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor, r: int, sampling_ratio: int,
               aligned: bool, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Channel means of the RoIAlign grids (``[K, C]``) and, with ``masks`` [S, r, r], of the masked grids
     (``[K, S, C]``: ``mean_hw(roi * mask_s)``), for boxes [K, 4] in map pixels on images ``image`` [K].
 
-    RoIAlign is linear in the map, so every grid mean is a weighted sum of the map's cells. When the map has fewer
-    cells than channels (a stride-32 map: 5 x 5 at 160 px), those weights are computed by RoIAlign of a one-hot
-    basis of the h * w cells and applied with one batched product, instead of aligning all C channels; else
-    RoIAlign runs on the map itself. Both are the same numbers (up to float rounding)."""
+    RoIAlign is linear in the map and its bilinear sampling on a regular grid is separable (the weight of cell
+    (i, j) in bin (p, q) is ``Y[p, i] * X[q, j]``), so every grid mean is a weighted sum of the map's cells with
+    weights ``Y^T m_s X``. Where that is cheaper (a coarse map: few cells; a fixed ``sampling_ratio``), the weights
+    are built per axis and applied with one batched product; else RoIAlign runs on the map itself. Both give
+    torchvision's numbers (up to float rounding)."""
     b, c, h, w = fmap.shape
     k = boxes.shape[0]
+    s = 0 if masks is None else masks.shape[0]
     if k == 0:
-        return fmap.new_zeros(0, c), (None if masks is None else fmap.new_zeros(0, masks.shape[0], c))
-    if h * w >= c:  # large map: align the channels themselves
+        return fmap.new_zeros(0, c), (None if masks is None else fmap.new_zeros(0, s, c))
+    if sampling_ratio <= 0 or h * w * (s + 1) > r * r * (sampling_ratio ** 2 + s):  # align the channels themselves
         rois = torch.cat([image.to(fmap.dtype)[:, None], boxes.to(fmap.dtype)], dim=1)
         roi = roi_align(fmap, rois, output_size=(r, r), spatial_scale=1.0, sampling_ratio=sampling_ratio,
                         aligned=aligned)  # [K, C, r, r]
         latent = None if masks is None else torch.einsum("kchw,shw->ksc", roi, masks) / (r * r)
         return roi.mean((2, 3)), latent
-    basis = torch.eye(h * w, dtype=fmap.dtype, device=fmap.device).reshape(1, h * w, h, w)
-    rois = torch.cat([torch.zeros_like(boxes[:, :1], dtype=fmap.dtype), boxes.to(fmap.dtype)], dim=1)
-    weights = roi_align(basis, rois, output_size=(r, r), spatial_scale=1.0, sampling_ratio=sampling_ratio,
-                        aligned=aligned).reshape(k, h * w, r * r)  # cell j's weight in each grid bin
-    cells = fmap.reshape(b, c, h * w)[image]  # [K, C, hw]
-    feats = torch.bmm(cells, weights.mean(2, keepdim=True))[..., 0]
-    if masks is None:
-        return feats, None
-    per_sample = torch.einsum("kjq,sq->ksj", weights, masks.reshape(masks.shape[0], r * r)) / (r * r)
-    return feats, torch.bmm(per_sample, cells.transpose(1, 2))  # [K, S, C]
+    bx = boxes.to(fmap.dtype)
+    ys = _axis_weights(bx[:, 1], bx[:, 3], r, sampling_ratio, h, aligned)  # [K, r, h]
+    xs = _axis_weights(bx[:, 0], bx[:, 2], r, sampling_ratio, w, aligned)  # [K, r, w]
+    weights = (ys.mean(1)[:, :, None] * xs.mean(1)[:, None, :]).reshape(k, 1, h * w)
+    if masks is not None:
+        per_sample = torch.einsum("kpi,spq,kqj->ksij", ys, masks.to(fmap.dtype), xs).reshape(k, s, h * w) / (r * r)
+        weights = torch.cat([weights, per_sample], dim=1)  # [K, 1 + S, hw]
+    # per image, its boxes' weight rows (padded to the most boxes of an image) times the image's cells: one batched
+    # product over the B maps, no per-box copy of the map
+    counts = torch.bincount(image, minlength=b)
+    order = torch.argsort(image, stable=True)  # boxes come sorted by image; any order works
+    slot = torch.empty_like(image)
+    slot[order] = torch.arange(k, device=image.device) - (torch.cumsum(counts, 0) - counts)[image[order]]
+    most = int(counts.max())
+    padded = weights.new_zeros(b, most, s + 1, h * w)
+    padded[image, slot] = weights
+    out = torch.bmm(padded.reshape(b, most * (s + 1), h * w), fmap.reshape(b, c, h * w).transpose(1, 2))
+    out = out.reshape(b, most, s + 1, c)[image, slot]  # [K, 1 + S, C]
+    return out[:, 0], (None if masks is None else out[:, 1:])
