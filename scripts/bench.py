@@ -26,7 +26,7 @@ Every row is measured in this run; speed rows time larex and its reference on th
   ``larex-run experiment=fmnist_demo`` (tiny overrides with --quick), read from its "stage times" table;
   needs Debian's Fashion-MNIST in /usr/share/datasets/fashion-mnist (a row says so when it is missing).
 
-Default groups (plain ``make bench``): all of them, about 7 minutes on 2 CPU cores (the baseline rows fit on
+Default groups (plain ``make bench``): all of them, about 8 minutes on 2 CPU cores (the baseline rows fit on
 50k rows and score 10k, so that the whole table, demo included, stays under 10 minutes).
 
 Prints one Rich table and writes it atomically as ``<out>/bench.csv`` and ``<out>/bench.md``.
