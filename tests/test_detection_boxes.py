@@ -209,3 +209,25 @@ def test_roi_means_equal_the_means_of_roi_align(size, channels, ratio, aligned):
     alone, none = roi_means(fmap, image, boxes, 7, ratio, aligned)
     assert none is None
     np.testing.assert_allclose(alone.numpy(), roi.mean((2, 3)).numpy(), rtol=0, atol=1e-12)
+
+
+def test_roi_std_appends_the_grid_spread_of_each_channel():
+    model = insert_mc_layer(_RectangleDetector(), "pool", "dropblock", drop_prob=0.5, block_size=3).eval()
+    ds = DetectionInput(_Images(), 128, fill=0.0)
+    x, y, index = collate([ds[i] for i in range(len(ds))])
+    plain = Boxes("pool", keys=("roi_features",), predict_conf=0.0)
+    spread = Boxes("pool", keys=("roi_features",), predict_conf=0.0, roi_std=True)
+    a, b = plain.produce(model, x, y, index)["roi_features"], spread.produce(model, x, y, index)["roi_features"]
+    assert b.shape == (3, 6)
+    torch.testing.assert_close(b[:, :3], a)
+    torch.testing.assert_close(b[:, 3:], torch.zeros(3, 3), atol=1e-6, rtol=0)  # inside a constant rectangle
+    assert plain.part != spread.part and "roi_std" not in plain.identity()
+    # on a textured input the spread is that of the RoIAlign grid over the hooked map
+    x = x + 0.3 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    out = spread.produce(model, x, y, index)
+    det = model.detect(x)  # the detector's own input-frame boxes, mapped onto the stride-8 map
+    grid = roi_align(model.pool.inner(x), torch.cat([det.image_index[:, None].float(), det.boxes / 8], 1),
+                     (7, 7), 1.0, 2, True)
+    assert len(out["image_index"]) == grid.shape[0] == 4  # the blank image is textured now: it has a box
+    torch.testing.assert_close(out["roi_features"][:, 3:], grid.flatten(2).std(2, unbiased=False), rtol=1e-5,
+                               atol=1e-6)

@@ -31,8 +31,10 @@ BASE_KEYS = ("image_index", "boxes", "box_scores", "box_labels", "no_object")
 class Boxes(Producer):
     """Args: hooked_layer (dotted path of the map RoIAligned), keys (``BASE_KEYS`` always; plus ``box_logits``,
     ``roi_features``, ``roi_latent``), predict_conf / nms_iou / max_det (box selection), roi_output_size,
-    sampling_ratio, aligned (RoIAlign), mc_samples (S), seed (mask seed), drop_prob / block_size (RoI DropBlock;
-    None = the MC layer's), mask_norm (``expected`` | ``per_mask``, as for the image masks)."""
+    sampling_ratio, aligned (RoIAlign), roi_std (``roi_features`` = channel means and standard deviations over
+    the RoI grid, [M, 2C], as the seeds' box extractor offers), mc_samples (S), seed (mask seed), drop_prob /
+    block_size (RoI DropBlock; None = the MC layer's), mask_norm (``expected`` | ``per_mask``, as for the image
+    masks)."""
 
     name = "boxes"
     provides = (*BASE_KEYS, "box_logits", "roi_features", "roi_latent")
@@ -40,7 +42,7 @@ class Boxes(Producer):
     def __init__(self, hooked_layer: str, keys=BASE_KEYS, predict_conf: float = 0.25, nms_iou: float = 0.7,
                  max_det: int = 100, roi_output_size: int = 7, sampling_ratio: int = 2, aligned: bool = True,
                  mc_samples: int = 16, seed: int = 0, drop_prob: float | None = None, block_size: int | None = None,
-                 mask_norm: str = "expected"):
+                 mask_norm: str = "expected", roi_std: bool = False):
         unknown = [k for k in keys if k not in self.provides]
         if unknown:
             raise ValueError(f"Boxes produces {self.provides}; got {unknown}")
@@ -54,6 +56,7 @@ class Boxes(Producer):
         self.sampling_ratio, self.aligned = int(sampling_ratio), bool(aligned)
         self.mc_samples, self.seed = int(mc_samples), int(seed)
         self.drop_prob, self.block_size, self.mask_norm = drop_prob, block_size, str(mask_norm)
+        self.roi_std = bool(roi_std)
         self._masks: dict[tuple, torch.Tensor] = {}
 
     @classmethod
@@ -65,7 +68,7 @@ class Boxes(Producer):
                    drop_prob=hl.get("drop_prob"), block_size=hl.get("block_size"),
                    mask_norm=str(hl.get("mask_norm", "expected")),
                    **{k: boxes[k] for k in ("predict_conf", "nms_iou", "max_det", "roi_output_size",
-                                            "sampling_ratio", "aligned") if k in boxes})
+                                            "sampling_ratio", "aligned", "roi_std") if k in boxes})
 
     def identity(self):
         ident = {"keys": sorted(self.keys), "hooked_layer": self.hooked_layer, "predict_conf": self.predict_conf,
@@ -73,6 +76,8 @@ class Boxes(Producer):
         if {"roi_features", "roi_latent"} & set(self.keys):
             ident.update(roi_output_size=self.roi_output_size, sampling_ratio=self.sampling_ratio,
                          aligned=self.aligned)
+            if self.roi_std and "roi_features" in self.keys:  # parts without it keep their hashes
+                ident["roi_std"] = True
         if "roi_latent" in self.keys:
             ident.update(mc_samples=self.mc_samples, seed=self.seed, drop_prob=self.drop_prob,
                          block_size=self.block_size, mask_norm=self.mask_norm)
@@ -134,6 +139,11 @@ class Boxes(Producer):
             masks = self.roi_masks(model, fmap.shape[1], fmap.device) if "roi_latent" in self.keys else None
             feats, latent = roi_means(fmap, img.to(fmap.device), on_map.to(fmap.device), self.roi_output_size,
                                       self.sampling_ratio, self.aligned, masks)
+            if "roi_features" in self.keys and self.roi_std:  # the grid itself is needed for its spread
+                rois = torch.cat([img.to(fmap.dtype)[:, None], on_map.to(fmap)], dim=1)
+                grid = roi_align(fmap, rois, output_size=(self.roi_output_size,) * 2, spatial_scale=1.0,
+                                 sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+                feats = torch.cat([feats, grid.flatten(2).std(2, unbiased=False)], dim=1)
             if "roi_features" in self.keys:
                 out["roi_features"] = feats.cpu()
             if latent is not None:
