@@ -172,6 +172,12 @@ for _spec in (
     FeatureSpec("roi_latent", "box", 3, _B, "S DropBlock samples of the box's RoI features, channel means "
                 "[M, S, D]", _DET),
     FeatureSpec("no_object", "image", 1, _B, "1 where the image has no box above predict_conf [N]", _DET),
+    FeatureSpec("whole_roi_features", "image", 2, _B, "roi_features of the whole-image box (the image's content "
+                "in the input, padding excluded) [N, D]", _DET),
+    FeatureSpec("whole_roi_latent", "image", 3, _B, "roi_latent of the whole-image box [N, S, D]", _DET),
+    FeatureSpec("whole_box_entropy", "image", 2, "stage:aggregate", "LaREx entropy of whole_roi_latent [N, D]",
+                _DET),
+    FeatureSpec("whole_box_latent_mean", "image", 2, "stage:aggregate", "MC mean of whole_roi_latent [N, D]", _DET),
     FeatureSpec("box_entropy", "box", 2, "stage:aggregate", "LaREx entropy of roi_latent over the S samples "
                 "[M, D]", _DET),
     FeatureSpec("box_latent_mean", "box", 2, "stage:aggregate", "MC mean of roi_latent [M, D]", _DET),

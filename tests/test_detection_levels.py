@@ -128,3 +128,22 @@ def test_scoring_settings_change_method_hashes_not_the_extraction():
     assert runs[0].method_hash("image.msp") != runs[1].method_hash("image.msp")  # rescored, not re-extracted
     assert runs[0].plan.parts["boxes"] == runs[1].plan.parts["boxes"] != runs[2].plan.parts["boxes"]
     assert runs[0].method_hash("box.msp") != runs[2].method_hash("box.msp")
+
+
+def test_whole_image_policy_scores_no_object_images_on_their_whole_image_box():
+    from larex.postprocessors.knn import KNN
+
+    rng = np.random.default_rng(5)
+    fit, val, test = _boxes(rng, 30), _boxes(rng, 10), _boxes(rng, 9, no_object=(2, 6))
+    for f in (fit, val, test):
+        f["roi_features"] = rng.normal(size=(len(f["image_index"]), 4))
+        f["whole_roi_features"] = rng.normal(size=(len(f["no_object"]), 4))
+    img = ImageFromBoxes(BoxView(KNN(k=3)), "mean", "whole_image").fit(fit, val)
+    assert "whole_roi_features" in img.requires and "whole_roi_features" not in img.fit_requires
+    s = img.score(test)
+    ref = KNN(k=3).fit({"penultimate": fit["roi_features"]})
+    np.testing.assert_allclose(s[[2, 6]], ref.score({"penultimate": test["whole_roi_features"][[2, 6]]}))
+    box = pd.Series(ref.score({"penultimate": test["roi_features"]})).groupby(test["image_index"]).mean()
+    np.testing.assert_allclose(s[box.index.to_numpy()], box.to_numpy())
+    with pytest.raises(ValueError, match="whole_image"):
+        ImageFromBoxes(BoxView(MSP()), "min", "whole_image")

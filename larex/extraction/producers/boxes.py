@@ -14,7 +14,9 @@ returns the detections of the batch while a hook records the hooked map [B, C, h
   masks are, :func:`larex.extraction.mc.deterministic_masks`), channel means. The same masks for every box, so a
   box's samples depend only on its features and the seed;
 * ``no_object`` [B]: 1 for an image without any kept box (its rows are absent, never dropped silently: the task
-  reports the count and share, and its image-level policy scores it).
+  reports the count and share, and its image-level policy scores it);
+* ``whole_roi_features`` / ``whole_roi_latent`` (image rows, when the ``whole_image`` no-object policy asks): the
+  same features of one box per image covering its content (the letterbox padding excluded).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class Boxes(Producer):
     masks)."""
 
     name = "boxes"
-    provides = (*BASE_KEYS, "box_logits", "roi_features", "roi_latent")
+    provides = (*BASE_KEYS, "box_logits", "roi_features", "roi_latent", "whole_roi_features", "whole_roi_latent")
 
     def __init__(self, hooked_layer: str, keys=BASE_KEYS, predict_conf: float = 0.25, nms_iou: float = 0.7,
                  max_det: int = 100, roi_output_size: int = 7, sampling_ratio: int = 2, aligned: bool = True,
@@ -73,12 +75,12 @@ class Boxes(Producer):
     def identity(self):
         ident = {"keys": sorted(self.keys), "hooked_layer": self.hooked_layer, "predict_conf": self.predict_conf,
                  "nms_iou": self.nms_iou, "max_det": self.max_det}
-        if {"roi_features", "roi_latent"} & set(self.keys):
+        if {"roi_features", "roi_latent", "whole_roi_features", "whole_roi_latent"} & set(self.keys):
             ident.update(roi_output_size=self.roi_output_size, sampling_ratio=self.sampling_ratio,
                          aligned=self.aligned)
-            if self.roi_std and "roi_features" in self.keys:  # parts without it keep their hashes
+            if self.roi_std and {"roi_features", "whole_roi_features"} & set(self.keys):  # others keep their hashes
                 ident["roi_std"] = True
-        if "roi_latent" in self.keys:
+        if {"roi_latent", "whole_roi_latent"} & set(self.keys):
             ident.update(mc_samples=self.mc_samples, seed=self.seed, drop_prob=self.drop_prob,
                          block_size=self.block_size, mask_norm=self.mask_norm)
         return ident
@@ -97,7 +99,7 @@ class Boxes(Producer):
         if not callable(getattr(model, "detect", None)):
             raise TypeError(f"box features need a detector adapter with detect(x, conf, iou, max_det) "
                             f"(larex.models.detection); got {type(model).__name__}")
-        if "roi_latent" in self.keys:
+        if {"roi_latent", "whole_roi_latent"} & set(self.keys):
             self._mc_layer(model)
 
     def roi_masks(self, model, channels: int, device) -> torch.Tensor:
@@ -109,6 +111,17 @@ class Boxes(Producer):
                                          drop_prob=self.drop_prob, block_size=self.block_size, norm=self.mask_norm)
             self._masks[key] = mul.reshape(self.mc_samples, -1, r, r)[:, 0].to(device=device, dtype=torch.float32)
         return self._masks[key]
+
+    def _box_features(self, model, fmap, image, on_map, want_latent: bool):
+        """``(roi_features [K, C or 2C], roi_latent [K, S, C] or None)`` of boxes on the map."""
+        masks = self.roi_masks(model, fmap.shape[1], fmap.device) if want_latent else None
+        feats, latent = roi_means(fmap, image, on_map, self.roi_output_size, self.sampling_ratio, self.aligned, masks)
+        if self.roi_std:  # the grid itself is needed for its spread
+            rois = torch.cat([image.to(fmap.dtype)[:, None], on_map.to(fmap)], dim=1)
+            grid = roi_align(fmap, rois, output_size=(self.roi_output_size,) * 2, spatial_scale=1.0,
+                             sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+            feats = torch.cat([feats, grid.flatten(2).std(2, unbiased=False)], dim=1)
+        return feats, latent
 
     def produce(self, model, x, y, index):
         from larex.tasks.detection.inputs import boxes_to_original
@@ -128,26 +141,31 @@ class Boxes(Producer):
                "no_object": (torch.bincount(img, minlength=b) == 0).to(torch.uint8).cpu()}
         if "box_logits" in self.keys:
             out["box_logits"] = det.logits.float().cpu()
-        if {"roi_features", "roi_latent"} & set(self.keys):
+        if {"roi_features", "roi_latent", "whole_roi_features", "whole_roi_latent"} & set(self.keys):
             fmap = first_tensor(cap.value, f"hooked layer {self.hooked_layer!r}").float()
             if fmap.dim() != 4:
                 raise ValueError(f"box features RoIAlign a map [B, C, h, w]; hooked layer {self.hooked_layer!r} "
                                  f"gives {tuple(fmap.shape)}")
             from larex.tasks.detection.geometry import to_feature_map
 
-            on_map = to_feature_map(det.boxes.float(), tuple(x.shape[-2:]), tuple(fmap.shape[-2:]))
-            masks = self.roi_masks(model, fmap.shape[1], fmap.device) if "roi_latent" in self.keys else None
-            feats, latent = roi_means(fmap, img.to(fmap.device), on_map.to(fmap.device), self.roi_output_size,
-                                      self.sampling_ratio, self.aligned, masks)
-            if "roi_features" in self.keys and self.roi_std:  # the grid itself is needed for its spread
-                rois = torch.cat([img.to(fmap.dtype)[:, None], on_map.to(fmap)], dim=1)
-                grid = roi_align(fmap, rois, output_size=(self.roi_output_size,) * 2, spatial_scale=1.0,
-                                 sampling_ratio=self.sampling_ratio, aligned=self.aligned)
-                feats = torch.cat([feats, grid.flatten(2).std(2, unbiased=False)], dim=1)
-            if "roi_features" in self.keys:
-                out["roi_features"] = feats.cpu()
-            if latent is not None:
-                out["roi_latent"] = latent.cpu()
+            if {"roi_features", "roi_latent"} & set(self.keys):
+                on_map = to_feature_map(det.boxes.float(), tuple(x.shape[-2:]), tuple(fmap.shape[-2:]))
+                feats, latent = self._box_features(model, fmap, img.to(fmap.device), on_map.to(fmap.device),
+                                                   "roi_latent" in self.keys)
+                if "roi_features" in self.keys:
+                    out["roi_features"] = feats.cpu()
+                if latent is not None:
+                    out["roi_latent"] = latent.cpu()
+            if {"whole_roi_features", "whole_roi_latent"} & set(self.keys):  # one box per image: its content
+                t = transforms.to(torch.float64)
+                content = torch.stack([t[:, 2], t[:, 3], t[:, 2] + t[:, 5] * t[:, 0], t[:, 3] + t[:, 4] * t[:, 1]], 1)
+                whole = to_feature_map(content.float().to(fmap.device), tuple(x.shape[-2:]), tuple(fmap.shape[-2:]))
+                wf, wl = self._box_features(model, fmap, torch.arange(b, device=fmap.device), whole,
+                                            "whole_roi_latent" in self.keys)
+                if "whole_roi_features" in self.keys:
+                    out["whole_roi_features"] = wf.cpu()
+                if wl is not None:
+                    out["whole_roi_latent"] = wl.cpu()
         return out
 
 

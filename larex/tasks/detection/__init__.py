@@ -123,7 +123,9 @@ class Detection(Task):
         mean = LatentMean()
         return [estimator_step(estimator, device), estimator_step(mean, device),
                 _renamed_step(estimator, "roi_latent", "box_entropy", device),
-                _renamed_step(mean, "roi_latent", "box_latent_mean", device)]
+                _renamed_step(mean, "roi_latent", "box_latent_mean", device),
+                _renamed_step(estimator, "whole_roi_latent", "whole_box_entropy", device),
+                _renamed_step(mean, "whole_roi_latent", "whole_box_latent_mean", device)]
 
     # ------------------------------------------------------------------ metrics
     def summary_metrics(self, feats):

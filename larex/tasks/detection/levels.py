@@ -6,7 +6,8 @@
 * :class:`ImageFromBoxes`: image scores from a :class:`BoxView`'s box scores by a reduction (``min``: the
   least-ID box decides; ``mean``; ``score_weighted``: mean weighted by the detector's confidence; ``max``).
   Images without a box above ``predict_conf`` (``no_object``) get the no-object score: ``val_min`` (default;
-  the lowest image score of ID ``val``, chosen at fit time, never on test) or ``fixed`` (``no_object_score``).
+  the lowest image score of ID ``val``, chosen at fit time, never on test), ``fixed`` (``no_object_score``) or
+  ``whole_image`` (the method's score of one box covering the image's content: feature methods only).
 
 Image-level methods that read only image-level MC features (``entropy``, ``latent_mean`` of the hooked map: the
 LaREx paper's protocol) run on image rows unchanged (:func:`image_native`).
@@ -23,9 +24,12 @@ from larex.postprocessors.base import Postprocessor
 BOX_KEYS = {"entropy": "box_entropy", "latent_mean": "box_latent_mean", "logits": "box_logits",
             "penultimate": "roi_features", "labels": "box_labels"}
 """Method key -> its box-row counterpart."""
+WHOLE_IMAGE_KEYS = {"entropy": "whole_box_entropy", "latent_mean": "whole_box_latent_mean",
+                    "penultimate": "whole_roi_features"}
+"""Method key -> its counterpart on the whole-image box (image rows; the ``whole_image`` no-object policy)."""
 IMAGE_NATIVE_KEYS = ("entropy", "latent_mean")
 REDUCTIONS = ("min", "mean", "score_weighted", "max")
-NO_OBJECT = ("val_min", "fixed")
+NO_OBJECT = ("val_min", "fixed", "whole_image")
 
 
 def unsupported_keys(pp: Postprocessor) -> list[str]:
@@ -117,11 +121,20 @@ class ImageFromBoxes(Postprocessor):
             raise ValueError(f"image_score.no_object={no_object!r} is unknown; use one of {NO_OBJECT}")
         if no_object == "fixed" and (no_object_score is None or not np.isfinite(float(no_object_score))):
             raise ValueError("image_score.no_object=fixed needs a finite image_score.no_object_score")
+        whole = ()
+        if no_object == "whole_image":
+            bad = [k for k in box.inner.requires if k not in WHOLE_IMAGE_KEYS]
+            if bad:
+                raise ValueError(f"image_score.no_object=whole_image scores a whole-image box, which has no {bad} "
+                                 f"(method {box.inner.name}); it works for methods reading {sorted(WHOLE_IMAGE_KEYS)}"
+                                 "; use no_object=val_min or fixed for the others")
+            whole = tuple(WHOLE_IMAGE_KEYS[k] for k in box.inner.requires)
         self.box, self.reduction, self.no_object = box, reduction, no_object
         self.no_object_score = None if no_object_score is None else float(no_object_score)
         self.name = f"image.{box.inner.name}"
-        self.requires = tuple(dict.fromkeys((*box.requires, *self.LINK)))
+        self.requires = tuple(dict.fromkeys((*box.requires, *self.LINK, *whole)))
         self.fit_requires = tuple(dict.fromkeys((*box.fit_requires, *self.LINK)))
+        self._whole = dict(zip(whole, box.inner.requires))
         self.no_object_value_: float | None = None
 
     def extraction_params(self):
@@ -137,7 +150,9 @@ class ImageFromBoxes(Postprocessor):
 
     def fit(self, fit, val=None):
         self.box.fit(fit, val)
-        if self.no_object == "fixed":
+        if self.no_object == "whole_image":
+            self.no_object_value_ = float("nan")  # not used: no-object images are scored on their whole-image box
+        elif self.no_object == "fixed":
             self.no_object_value_ = float(self.no_object_score)
         else:
             ref = val if val is not None else fit
@@ -160,4 +175,11 @@ class ImageFromBoxes(Postprocessor):
 
             raise NotFittedError(f"{self.name} is not fitted: call .fit() before .score()")
         s, has = self._reduce(feats)
+        if self.no_object == "whole_image":
+            if (~has).any():
+                rows = np.flatnonzero(~has)
+                whole = {inner: np.asarray(feats[key])[rows] for key, inner in self._whole.items()}
+                s = s.copy()
+                s[rows] = self.box.inner.score(whole)
+            return s
         return np.where(has, s, self.no_object_value_)
