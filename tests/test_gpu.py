@@ -55,3 +55,20 @@ def test_topk_search_on_cuda_is_exact_also_with_tf32_allowed():
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     np.testing.assert_allclose(got, full, rtol=0, atol=1e-12)
+
+
+def test_roi_means_on_cuda_equal_cpu():
+    from larex.extraction.producers.boxes import roi_means
+
+    g = torch.Generator().manual_seed(2)
+    for size, channels in (((5, 5), 64), ((20, 20), 16)):  # the separable path and roi_align itself
+        fmap = torch.rand((2, channels, *size), generator=g)
+        xy = torch.rand((9, 2), generator=g) * (size[1] - 2)
+        boxes = torch.cat([xy, xy + 1.5], 1)
+        image = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
+        masks = torch.rand((4, 7, 7), generator=g)
+        cpu = roi_means(fmap, image, boxes, 7, 2, True, masks)
+        gpu = roi_means(fmap.cuda(), image.cuda(), boxes.cuda(), 7, 2, True, masks.cuda())
+        for a, b in zip(cpu, gpu):
+            assert b.device.type == "cuda"
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
