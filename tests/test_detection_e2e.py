@@ -82,3 +82,20 @@ def test_rtdetr_extracts_box_and_image_features(tmp_path):
     assert latent["latent"].shape == (8, 6, 256)
     assert np.ptp(latent["latent"], axis=1).max() > 0  # the inserted DropBlock varies the MC samples
     assert (boxes["boxes"][:, 2:] <= 160).all() and (boxes["boxes"] >= 0).all()
+
+
+@pytest.mark.slow  # ultralytics' trainer, one epoch on 32 images (~20 s)
+def test_larex_train_trains_yolo_with_ultralytics_and_extract_loads_it(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    args = [*_out_args(out), "experiment=detection_demo", "model.train.epochs=1", "train.limit.fit=32",
+            "train.limit.val=16", "progress=false"]
+    cli("larex-train", *args, cwd=tmp_path)
+    ckpt = next((out / "detection" / "shapes" / "yolov8").glob("checkpoint-*"))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["complete"] and {"val_map50", "val_map"} <= set(manifest)
+    assert (ckpt / "model.safetensors").stat().st_size > 1_000_000
+    cli("larex-extract", *args, "limit.fit=8", "limit.val=8", "limit.test=8", "limit.ood=8",
+        "task.boxes.predict_conf=0", cwd=tmp_path)  # loads the trained weights, inserts the DropBlock
+    assert list((out / "detection" / "shapes" / "yolov8" / "sppf").glob("extract-*/test/boxes-*/manifest.json"))

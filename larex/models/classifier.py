@@ -13,6 +13,13 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", None)
 
 
+def lightning_accelerator(device: torch.device) -> dict:
+    """``pl.Trainer`` accelerator arguments for a torch device (one GPU, or the CPU)."""
+    if device.type == "cuda":
+        return {"accelerator": "gpu", "devices": [device.index or 0]}
+    return {"accelerator": "cpu", "devices": 1}
+
+
 def _xy(batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)`` from a batch ``(x, y)`` or ``(x, y, index)``."""
     if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):

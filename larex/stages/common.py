@@ -76,9 +76,9 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def lightning_accelerator(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        return {"accelerator": "gpu", "devices": [device.index or 0]}
-    return {"accelerator": "cpu", "devices": 1}
+    from larex.models.classifier import lightning_accelerator as accelerator
+
+    return accelerator(device)
 
 
 def plain(node: Any) -> Any:

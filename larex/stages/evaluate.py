@@ -151,12 +151,19 @@ def _with_split_metrics(table: pd.DataFrame, run: common.Run, store: FeatureStor
     return table, flat
 
 
+def _method_feats(run: common.Run, store: FeatureStore, oods: list[str]):
+    """``split -> the Task's method_requires keys`` when ID test and every OOD set hold them, else None."""
+    keys = run.task.method_requires
+    if not keys or any(set(keys) - store.available(s) for s in ["test", *(f"ood/{o}" for o in oods)]):
+        return None
+    return lambda split: store.get(split, keys)
+
+
 def _with_method_metrics(table: pd.DataFrame, run: common.Run, store: FeatureStore, all_scores, oods: list[str]):
     """The Task's per-method figures at each method's ID-val threshold (detection: open-set figures of box-level
     methods) as columns of the method's OOD rows, and MLflow metrics ``<ood>/<method>/<k>``."""
-    keys = run.task.method_requires
-    splits = ["test", *(f"ood/{o}" for o in oods)]
-    if not keys or any(set(keys) - store.available(s) for s in splits):
+    feats = _method_feats(run, store, oods)
+    if feats is None:
         return table, {}
     table, flat = table.copy(), {}
     for name, scores in all_scores.items():
@@ -164,7 +171,7 @@ def _with_method_metrics(table: pd.DataFrame, run: common.Run, store: FeatureSto
         if not rows.any():
             continue
         threshold = float(table.loc[rows, "threshold"].iloc[0])
-        figs = run.task.method_metrics(run.methods[name], scores, lambda s: store.get(s, keys), oods, threshold)
+        figs = run.task.method_metrics(run.methods[name], scores, feats, oods, threshold)
         for ood, values in figs.items():
             for k, v in values.items():
                 table.loc[rows & (table["ood"] == ood), k] = v
@@ -175,8 +182,8 @@ def _with_method_metrics(table: pd.DataFrame, run: common.Run, store: FeatureSto
 def _task_plots(cfg, run: common.Run, store: FeatureStore, all_scores, oods, table, directory: Path) -> list[Path]:
     """The Task's figures (detection: images with their boxes coloured by OOD score), raw images read back from
     the split's dataset for the few rows shown."""
-    keys = run.task.method_requires
-    if not keys or any(set(keys) - store.available(s) for s in ["test", *(f"ood/{o}" for o in oods)]):
+    feats = _method_feats(run, store, oods)
+    if feats is None:
         return []
     from larex.data.base import to_image_tensor
 
@@ -189,7 +196,7 @@ def _task_plots(cfg, run: common.Run, store: FeatureStore, all_scores, oods, tab
 
     rows = table[table["ood"] != "mean"]
     thresholds = dict(zip(rows["method"], rows["threshold"]))
-    return run.task.plots(directory, all_scores, lambda s: store.get(s, keys), images, oods, thresholds)
+    return run.task.plots(directory, all_scores, feats, images, oods, thresholds)
 
 
 def _summary(run: common.Run, store: FeatureStore) -> dict[str, float]:

@@ -15,6 +15,16 @@ def estimator_step(estimator, device: str = "cpu") -> AggregationStep:
                            estimator.identity())
 
 
+def entropy_estimator(params):
+    """The configured entropy estimator (``params["estimator"]``; kNN by default), checked to write ``entropy``."""
+    from larex.aggregation.knn import KNNEntropy
+
+    estimator = params.get("estimator") or KNNEntropy()
+    if estimator.output != "entropy":
+        raise ValueError(f"the entropy estimator {estimator!r} writes {estimator.output!r}, not 'entropy'")
+    return estimator
+
+
 class Classification(Task):
     """Inputs: images converted to the ID model's channels / size / normalization (:class:`ModelInput`);
     targets: class indices (-1 for OOD). Aggregation: the LaREx entropy of the MC latents (``entropy``, by the
@@ -32,14 +42,10 @@ class Classification(Task):
                           mean=list(input_spec["mean"]), std=list(input_spec["std"]), **extra)
 
     def aggregation_steps(self, params):
-        from larex.aggregation.knn import KNNEntropy
         from larex.aggregation.mean import LatentMean
 
         device = str(params.get("device") or "cpu")
-        estimator = params.get("estimator") or KNNEntropy()
-        if estimator.output != "entropy":
-            raise ValueError(f"the entropy estimator {estimator!r} writes {estimator.output!r}, not 'entropy'")
-        return [estimator_step(estimator, device), estimator_step(LatentMean(), device)]
+        return [estimator_step(entropy_estimator(params), device), estimator_step(LatentMean(), device)]
 
     def train_model(self, model, dataset, settings, device, workdir):
         """Cross-entropy training with Lightning (:class:`~larex.models.classifier.LitClassifier`); records
@@ -47,7 +53,7 @@ class Classification(Task):
         import pytorch_lightning as pl
         import torch
 
-        from larex.models.classifier import LitClassifier, accuracy
+        from larex.models.classifier import LitClassifier, accuracy, lightning_accelerator
 
         fit_ds, val_ds = dataset("fit"), dataset("val")
         bs = int(settings["batch_size"])
@@ -59,11 +65,9 @@ class Classification(Task):
         lit = LitClassifier(model, lr=float(settings["lr"]), weight_decay=float(settings["weight_decay"]),
                             optimizer=str(settings["optimizer"]), epochs=int(settings["epochs"]),
                             **({"momentum": float(settings["momentum"])} if "momentum" in settings else {}))
-        accel = {"accelerator": "gpu", "devices": [device.index or 0]} if device.type == "cuda" else \
-            {"accelerator": "cpu", "devices": 1}
         trainer = pl.Trainer(max_epochs=int(settings["epochs"]), logger=False, enable_checkpointing=False,
                              enable_progress_bar=bool(settings.get("progress", True)), enable_model_summary=False,
-                             deterministic=False, **accel)
+                             deterministic=False, **lightning_accelerator(device))
         trainer.fit(lit, fit_dl, val_dl)
         model = lit.model.eval()
         return model, {"val_accuracy": accuracy(model, val_dl, device)}

@@ -80,8 +80,29 @@ class UltralyticsDetector(DetectorAdapter):
         return self.model(x)
 
     def train_detector(self, fit, val, settings: dict, device: torch.device, workdir) -> dict:
-        """Train with ultralytics' trainer on ``fit`` / ``val`` (see :func:`_train_ultralytics`)."""
-        return _train_ultralytics(self, fit, val, settings, device, workdir)
+        """Train with ultralytics' own trainer from this adapter's YAML (random init) on ``fit``, validating on
+        ``val``; the trained weights replace this adapter's. ``settings``: epochs, batch_size, image_size, lr0,
+        seed (+ any ultralytics train argument under ``extra``). Offline: no plots, no AMP check, no workers."""
+        from ultralytics import RTDETR, YOLO
+
+        workdir = Path(workdir)
+        names = list(settings.get("names") or [str(k) for k in range(self.num_classes)])
+        data = write_yolo_dataset({"train": fit, "val": val}, workdir / "data", names)
+        cls = RTDETR if self.family == "rtdetr" else YOLO
+        with contextlib.redirect_stdout(_io.StringIO()):
+            model = cls(self.config)
+        args = dict(data=str(data), epochs=int(settings.get("epochs", 10)), imgsz=int(settings["image_size"]),
+                    batch=int(settings.get("batch_size", 16)), workers=0, plots=False, amp=False, val=True,
+                    device="cpu" if device.type == "cpu" else (device.index or 0), project=str(workdir / "runs"),
+                    name="train", exist_ok=True, seed=int(settings.get("seed", 0)), deterministic=True, verbose=False,
+                    **({"lr0": float(settings["lr0"])} if settings.get("lr0") is not None else {}),
+                    **dict(settings.get("extra") or {}))
+        with _no_integrations():
+            model.train(**args)
+        self.model.load_state_dict(model.model.float().state_dict())
+        metrics = getattr(model.trainer, "metrics", None) or {}
+        return {"val_map50": float(metrics.get("metrics/mAP50(B)", float("nan"))),
+                "val_map": float(metrics.get("metrics/mAP50-95(B)", float("nan")))}
 
     @torch.inference_mode()
     def detect(self, x: torch.Tensor, conf: float = 0.25, iou: float = 0.7, max_det: int = 100) -> Detections:
@@ -153,30 +174,3 @@ def _no_integrations():
         yield
     finally:
         callbacks.add_integration_callbacks = original
-
-
-def _train_ultralytics(self: UltralyticsDetector, fit, val, settings: dict, device: torch.device, workdir) -> dict:
-    """Train with ultralytics' own trainer from this adapter's YAML (random init) on ``fit``, validating on
-    ``val``; the trained weights replace this adapter's. ``settings``: epochs, batch_size, image_size, lr0,
-    seed (+ any ultralytics train argument under ``extra``). Offline: no plots, no AMP check, no workers."""
-    from ultralytics import RTDETR, YOLO
-
-    workdir = Path(workdir)
-    names = list(settings.get("names") or [str(k) for k in range(self.num_classes)])
-    data = write_yolo_dataset({"train": fit, "val": val}, workdir / "data", names)
-    cls = RTDETR if self.family == "rtdetr" else YOLO
-    with contextlib.redirect_stdout(_io.StringIO()):
-        model = cls(self.config)
-    args = dict(data=str(data), epochs=int(settings.get("epochs", 10)), imgsz=int(settings["image_size"]),
-                batch=int(settings.get("batch_size", 16)), workers=0, plots=False, amp=False, val=True,
-                device="cpu" if device.type == "cpu" else (device.index or 0), project=str(workdir / "runs"),
-                name="train", exist_ok=True, seed=int(settings.get("seed", 0)), deterministic=True, verbose=False,
-                **({"lr0": float(settings["lr0"])} if settings.get("lr0") is not None else {}),
-                **dict(settings.get("extra") or {}))
-    with _no_integrations():
-        model.train(**args)
-    self.model.load_state_dict(model.model.float().state_dict())
-    metrics = getattr(model.trainer, "metrics", None) or {}
-    return {"val_map50": float(metrics.get("metrics/mAP50(B)", float("nan"))),
-            "val_map": float(metrics.get("metrics/mAP50-95(B)", float("nan")))}
-

@@ -63,7 +63,6 @@ class Detection(Task):
         bad = [lv for lv in self.levels if lv not in ("box", "image")] or ([] if self.levels else ["(none)"])
         if bad:
             raise ValueError(f"task.levels {list(self.levels)}: use a non-empty subset of [box, image]")
-        from larex.tasks.detection.levels import ImageFromBoxes, BoxView  # noqa: F401  (validates the settings)
 
     # ------------------------------------------------------------------ inputs
     def input_dataset(self, dataset, input_spec):
@@ -112,14 +111,11 @@ class Detection(Task):
 
     # ------------------------------------------------------------------ aggregation
     def aggregation_steps(self, params):
-        from larex.aggregation.knn import KNNEntropy
         from larex.aggregation.mean import LatentMean
-        from larex.tasks.classification import estimator_step
+        from larex.tasks.classification import entropy_estimator, estimator_step
 
         device = str(params.get("device") or "cpu")
-        estimator = params.get("estimator") or KNNEntropy()
-        if estimator.output != "entropy":
-            raise ValueError(f"the entropy estimator {estimator!r} writes {estimator.output!r}, not 'entropy'")
+        estimator = entropy_estimator(params)
         mean = LatentMean()
         return [estimator_step(estimator, device), estimator_step(mean, device),
                 _renamed_step(estimator, "roi_latent", "box_entropy", device),
