@@ -171,6 +171,12 @@ for _spec in (
                 _DET),
     FeatureSpec("roi_latent", "box", 3, _B, "S DropBlock samples of the box's RoI features, channel means "
                 "[M, S, D]", _DET),
+    FeatureSpec("box_penultimate", "box", 2, _B, "input of the detector's linear class head for each box (Faster "
+                "R-CNN box-head output, DETR last decoder state) [M, F]", _DET),
+    FeatureSpec("box_head.weight", "model", 2, f"{_P}.boxes.BoxHead", "the detector's linear class head over "
+                "box_penultimate, weight [C, F]", _DET),
+    FeatureSpec("box_head.bias", "model", 1, f"{_P}.boxes.BoxHead", "the detector's linear class head, bias [C]",
+                _DET),
     FeatureSpec("no_object", "image", 1, _B, "1 where the image has no box above predict_conf [N]", _DET),
     FeatureSpec("whole_roi_features", "image", 2, _B, "roi_features of the whole-image box (the image's content "
                 "in the input, padding excluded) [N, D]", _DET),

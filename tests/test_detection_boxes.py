@@ -183,6 +183,13 @@ def test_box_producer_needs_a_detector_and_an_mc_layer():
     with pytest.raises(ValueError, match="hooked_layer.insert"):
         Boxes("pool", keys=("roi_latent",)).setup(_RectangleDetector())
     assert math.isfinite(Boxes("pool").predict_conf)
+    # box_penultimate / box_head.* (ViM, ReAct, ...) need the detector's linear class head: refused before compute
+    from larex.extraction.producers.boxes import BoxHead
+    from larex.models.detection.base import NoBoxHead
+
+    for producer in (Boxes("pool", keys=("box_penultimate",)), BoxHead()):
+        with pytest.raises(NoBoxHead, match="no single linear class head.*vim"):
+            producer.setup(_RectangleDetector())
 
 
 @pytest.mark.parametrize("size,channels,ratio,aligned", [((5, 5), 64, 2, True), ((4, 6), 64, 1, False),

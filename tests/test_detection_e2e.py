@@ -70,7 +70,7 @@ def test_rtdetr_extracts_box_and_image_features(tmp_path):
     out = tmp_path / "out"
     args = [*DET, *_out_args(out), "model=rtdetr", "hooked_layer=rtdetr_aifi", f"model.net.weights={weights}",
             "task.boxes.predict_conf=0", "limit.fit=8", "limit.val=8", "limit.test=8", "limit.ood=8",
-            "+ood=[shapes_near]", "baselines=[msp]"]
+            "+ood=[shapes_near]", "baselines=[msp,vim]"]
     cli("larex-extract", *args, cwd=tmp_path)
     extract = next((out / "detection" / "shapes" / "rtdetr" / "aifi").glob("extract-*"))
     boxes = {k: v for p in (extract / "test").glob("boxes-*") for k, v in
@@ -82,6 +82,11 @@ def test_rtdetr_extracts_box_and_image_features(tmp_path):
     assert latent["latent"].shape == (8, 6, 256)
     assert np.ptp(latent["latent"], axis=1).max() > 0  # the inserted DropBlock varies the MC samples
     assert (boxes["boxes"][:, 2:] <= 160).all() and (boxes["boxes"] >= 0).all()
+    # ViM reads the decoder's per-query features and its score head: logits = features @ W.T + b
+    head = load_file(str(next(extract.rglob("box_head-*.safetensors"))))
+    assert boxes["box_penultimate"].shape == (80, 256)
+    np.testing.assert_allclose(boxes["box_penultimate"] @ head["box_head.weight"].T + head["box_head.bias"],
+                               boxes["box_logits"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow  # ultralytics' trainer, one epoch on 32 images (~20 s)

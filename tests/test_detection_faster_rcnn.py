@@ -84,7 +84,8 @@ def test_faster_rcnn_mobilenet_through_the_console_scripts(tmp_path):
     out = tmp_path / "out"
     args = [*DET, f"output_root={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", "model=faster_rcnn_mobilenet",
             "hooked_layer=faster_rcnn_mobilenet_last_conv", f"model.net.weights={weights}", "limit.fit=16",
-            "limit.val=8", "limit.test=8", "limit.ood=8", "task.boxes.predict_conf=0.3"]
+            "limit.val=8", "limit.test=8", "limit.ood=8", "task.boxes.predict_conf=0.3",
+            "baselines=[msp,vim,react]", "baselines.vim.dim=8"]
     cli("larex-run", *args, cwd=tmp_path)  # one process for the stages (the YOLOv8 test runs them one by one)
     layer = out / "detection" / "shapes" / "faster_rcnn_mobilenet" / "last_conv"
     extract = next(layer.glob("extract-*"))
@@ -103,10 +104,16 @@ def test_faster_rcnn_mobilenet_through_the_console_scripts(tmp_path):
         assert mc["latent"].shape == (n, 4, 960)
         assert np.ptp(mc["latent"], axis=1).max() > 0  # the inserted DropBlock varies the MC samples
         seen[split] = boxes["no_object"]
+        # the box head's input: the box predictor's cls_score (without the background) maps it to box_logits
+        head = load_file(str(next(extract.rglob("box_head-*.safetensors"))))
+        np.testing.assert_allclose(boxes["box_penultimate"] @ head["box_head.weight"].T + head["box_head.bias"],
+                                   boxes["box_logits"], rtol=1e-4, atol=1e-4)
+        assert boxes["box_penultimate"].shape == (m, 1024) and head["box_head.weight"].shape == (3, 1024)
     flags = np.concatenate(list(seen.values()))
     assert 0 < flags.mean() < 1  # images with and without boxes above predict_conf
     df = pd.read_csv(layer / "latest" / "metrics.csv")
-    assert set(df["method"]) == {f"{lv}.{m}" for lv in ("box", "image") for m in ("lared", "larem", "msp")}
+    assert set(df["method"]) == {f"{lv}.{m}" for lv in ("box", "image") for m in ("lared", "larem", "msp", "vim",
+                                                                                  "react")}
     rows = df[df["ood"] == "shapes_near"]
     assert rows["auroc"].between(0, 1).all() and np.isfinite(rows["threshold"]).all()
     # no-object images are counted, not dropped: the table's shares are those of the stored flags

@@ -147,3 +147,42 @@ def test_whole_image_policy_scores_no_object_images_on_their_whole_image_box():
     np.testing.assert_allclose(s[box.index.to_numpy()], box.to_numpy())
     with pytest.raises(ValueError, match="whole_image"):
         ImageFromBoxes(BoxView(MSP()), "min", "whole_image")
+
+
+def test_head_methods_read_the_detectors_head_and_its_input_per_box():
+    """ViM at box level = ViM on (box_penultimate, box_logits, box_head.*): the detector's own head, whose input
+    maps to the box logits; fit_boxes subsets the box rows, never the head; box_features=head moves the other
+    feature methods onto box_penultimate too; the whole-image box (RoI features) is refused for head methods."""
+    from larex.postprocessors.mahalanobis import Mahalanobis
+    from larex.postprocessors.vim import ViM
+
+    rng = np.random.default_rng(5)
+    w, b = rng.normal(size=(3, 12)), rng.normal(size=3)
+
+    def split(n_images, shift=0.0):
+        f = _boxes(rng, n_images)
+        f["box_penultimate"] = rng.normal(size=(len(f["image_index"]), 12)) + shift
+        f["box_logits"] = f["box_penultimate"] @ w.T + b
+        f["roi_features"] = rng.normal(size=(len(f["image_index"]), 5))
+        return {**f, "box_head.weight": w, "box_head.bias": b}
+
+    fit, test = split(60), split(10, shift=3.0)
+    view = BoxView(ViM(dim=4), fit_boxes=50, seed=1)
+    assert view.requires == ("box_penultimate", "box_logits", "box_head.weight", "box_head.bias")
+    view.fit(fit)
+    keep = np.sort(np.random.default_rng(1).choice(len(fit["image_index"]), size=50, replace=False))
+    ref = ViM(dim=4).fit({"penultimate": fit["box_penultimate"][keep], "logits": fit["box_logits"][keep],
+                          "head.weight": w, "head.bias": b})
+    want = ref.score({"penultimate": test["box_penultimate"], "logits": test["box_logits"], "head.weight": w,
+                      "head.bias": b})
+    np.testing.assert_allclose(view.score(test), want, rtol=1e-12)
+    np.testing.assert_allclose(view.inner.origin_, -np.linalg.pinv(w) @ b)  # the head's own origin
+
+    assert BoxView(Mahalanobis()).requires == ("roi_features",)
+    assert BoxView(Mahalanobis(), features="head").requires == ("box_penultimate",)
+    with pytest.raises(ValueError, match="box_features"):
+        Detection(box_features="penultimate")
+    with pytest.raises(ValueError, match="whole_image"):
+        ImageFromBoxes(BoxView(ViM()), "min", "whole_image")
+    with pytest.raises(ValueError, match="whole_image"):
+        ImageFromBoxes(BoxView(Mahalanobis(), features="head"), "min", "whole_image")

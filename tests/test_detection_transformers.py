@@ -79,6 +79,13 @@ def test_deformable_detr_detections_are_the_hf_outputs_decoded(tmp_path):
         _assert_same(det, _reference(out.pred_boxes, out.logits, (160, 160), conf, max_det))
         assert (len(det) == 21) if max_det == 7 else (21 < len(det) < 3 * 40)
     ref = _reference(out.pred_boxes, out.logits, (160, 160), conf, 7)
+    # each box's features are its query's last decoder state, which the last class head maps to its logits
+    det = m.detect(x, conf=conf, max_det=7)
+    states = out.intermediate_hidden_states[:, -1]  # [B, Q, d_model]
+    rows = (states[det.image_index][:, None] == det.features[:, None, None]).all(-1)  # [K, 1, Q]
+    assert rows.any(-1).all() and det.features.shape == (21, 64)
+    w, b = m.box_head()
+    torch.testing.assert_close(det.features @ w.detach().T + b.detach(), det.logits, rtol=1e-5, atol=1e-5)
 
     # a local (or hub) checkpoint goes through from_pretrained; its labels must be the ID classes
     m.model.save_pretrained(tmp_path / "ckpt")

@@ -13,6 +13,8 @@ returns the detections of the batch while a hook records the hooked map [B, C, h
   parameters, or ``hooked_layer.drop_prob`` / ``block_size``; masks drawn from the mask seed as the shared image
   masks are, :func:`larex.extraction.mc.deterministic_masks`), channel means. The same masks for every box, so a
   box's samples depend only on its features and the seed;
+* ``box_penultimate`` [M, F]: the detector's own per-box features, the input of its linear class head (the adapter's
+  ``Detections.features``); :class:`BoxHead` stores that head (``box_head.weight`` / ``box_head.bias``) once;
 * ``no_object`` [B]: 1 for an image without any kept box (its rows are absent, never dropped silently: the task
   reports the count and share, and its image-level policy scores it);
 * ``whole_roi_features`` / ``whole_roi_latent`` (image rows, when the ``whole_image`` no-object policy asks): the
@@ -32,14 +34,15 @@ BASE_KEYS = ("image_index", "boxes", "box_scores", "box_labels", "no_object")
 
 class Boxes(Producer):
     """Args: hooked_layer (dotted path of the map RoIAligned), keys (``BASE_KEYS`` always; plus ``box_logits``,
-    ``roi_features``, ``roi_latent``), predict_conf / nms_iou / max_det (box selection), roi_output_size,
+    ``box_penultimate``, ``roi_features``, ``roi_latent``), predict_conf / nms_iou / max_det (box selection), roi_output_size,
     sampling_ratio, aligned (RoIAlign), roi_std (``roi_features`` = channel means and standard deviations over
     the RoI grid, [M, 2C], as the seeds' box extractor offers), mc_samples (S), seed (mask seed), drop_prob /
     block_size (RoI DropBlock; None = the MC layer's), mask_norm (``expected`` | ``per_mask``, as for the image
     masks)."""
 
     name = "boxes"
-    provides = (*BASE_KEYS, "box_logits", "roi_features", "roi_latent", "whole_roi_features", "whole_roi_latent")
+    provides = (*BASE_KEYS, "box_logits", "box_penultimate", "roi_features", "roi_latent", "whole_roi_features",
+                "whole_roi_latent")
 
     def __init__(self, hooked_layer: str, keys=BASE_KEYS, predict_conf: float = 0.25, nms_iou: float = 0.7,
                  max_det: int = 100, roi_output_size: int = 7, sampling_ratio: int = 2, aligned: bool = True,
@@ -101,6 +104,8 @@ class Boxes(Producer):
                             f"(larex.models.detection); got {type(model).__name__}")
         if {"roi_latent", "whole_roi_latent"} & set(self.keys):
             self._mc_layer(model)
+        if "box_penultimate" in self.keys:
+            model.box_head()  # a family without a linear class head per box says so here, before any compute
 
     def roi_masks(self, model, channels: int, device) -> torch.Tensor:
         """The S RoI masks [S, r, r] (float32 on ``device``)."""
@@ -141,6 +146,11 @@ class Boxes(Producer):
                "no_object": (torch.bincount(img, minlength=b) == 0).to(torch.uint8).cpu()}
         if "box_logits" in self.keys:
             out["box_logits"] = det.logits.float().cpu()
+        if "box_penultimate" in self.keys:
+            if det.features is None:
+                raise ValueError(f"{type(model).__name__}.detect returned no per-box features (Detections.features) "
+                                 "although it has a box_head(); box_penultimate needs both")
+            out["box_penultimate"] = det.features.float().cpu()
         if {"roi_features", "roi_latent", "whole_roi_features", "whole_roi_latent"} & set(self.keys):
             fmap = first_tensor(cap.value, f"hooked layer {self.hooked_layer!r}").float()
             if fmap.dim() != 4:
@@ -167,6 +177,28 @@ class Boxes(Producer):
                 if wl is not None:
                     out["whole_roi_latent"] = wl.cpu()
         return out
+
+
+class BoxHead(Producer):
+    """``box_head.weight`` [C, F] / ``box_head.bias`` [C]: the detector adapter's linear class head over
+    ``box_penultimate`` (:meth:`~larex.models.detection.base.DetectorAdapter.box_head`), stored once per model."""
+
+    name = "box_head"
+    provides = ("box_head.weight", "box_head.bias")
+
+    def __init__(self, keys=provides):
+        super().__init__(self.provides)
+
+    def setup(self, model):
+        if not callable(getattr(model, "box_head", None)):
+            raise TypeError(f"box_head.* needs a detector adapter with box_head() (larex.models.detection); got "
+                            f"{type(model).__name__}")
+        model.box_head()
+
+    def model_arrays(self, model):
+        weight, bias = model.box_head()
+        return {"box_head.weight": weight.detach().float().cpu().clone(),
+                "box_head.bias": bias.detach().float().cpu().clone()}
 
 
 def _axis_weights(lo: torch.Tensor, hi: torch.Tensor, r: int, ratio: int, size: int, aligned: bool) -> torch.Tensor:

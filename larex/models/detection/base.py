@@ -23,13 +23,16 @@ class Detections:
 
     ``boxes`` [K, 4] xyxy in input pixels, ``scores`` [K] (the detector's confidence), ``labels`` [K] (class
     index), ``logits`` [K, C] (per-class logits of the box: sigmoid logits for YOLO/DETR-style heads, softmax
-    logits without the background for Faster R-CNN)."""
+    logits without the background for Faster R-CNN), ``features`` [K, F] or None: the input of the detector's
+    linear class head for each box, so that ``logits = features @ W.T + b`` with ``(W, b) =``
+    :meth:`DetectorAdapter.box_head` (Faster R-CNN's box-head output, a DETR query's last decoder state)."""
 
     image_index: torch.Tensor
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
     logits: torch.Tensor
+    features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.image_index.shape[0])
@@ -66,6 +69,27 @@ def select_detections(boxes: torch.Tensor, probs: torch.Tensor, logits: torch.Te
     return Detections(img[kept], bx[kept].float(), sc[kept].float(), lb[kept], lg[kept].float())
 
 
+def keep_best_queries(boxes: torch.Tensor, logits: torch.Tensor, conf: float, max_det: int,
+                      features: torch.Tensor | None = None) -> Detections:
+    """Set-prediction decoding (no NMS): boxes [B, Q, 4] xyxy input pixels, sigmoid class logits [B, Q, C]; the
+    queries whose best sigmoid score > ``conf``, the ``max_det`` best per image. ``features`` [B, Q, F]: the
+    class head's input per query, kept with the boxes."""
+    logits = logits.float()
+    score, label = logits.sigmoid().max(-1)
+    keep = score > conf
+    img = torch.arange(logits.shape[0], device=logits.device)[:, None].expand_as(score)[keep]
+    sel = top_per_image(img, score[keep], int(max_det))
+    return Detections(img[sel], boxes[keep][sel].float(), score[keep][sel], label[keep][sel], logits[keep][sel],
+                      None if features is None else features[keep][sel].float())
+
+
+HEAD_METHODS = "vim, react, ash, dice, ..."
+
+
+class NoBoxHead(ValueError):
+    """The detector has no single linear class head over per-box features."""
+
+
 class DetectorAdapter(nn.Module, ABC):
     """Base class of the detector adapters (see the module docstring).
 
@@ -82,6 +106,15 @@ class DetectorAdapter(nn.Module, ABC):
     @abstractmethod
     def detect(self, x: torch.Tensor, conf: float = 0.25, iou: float = 0.7, max_det: int = 100) -> Detections:
         """One deterministic forward of ``x`` and the kept detections (eval mode, no gradients)."""
+
+    def box_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W [C, F], b [C])``: the linear class head whose input is :attr:`Detections.features`, ``logits =
+        features @ W.T + b`` (rows = the C classes of ``logits``). Families without one raise :class:`NoBoxHead`,
+        so methods that read a head (``head.weight``) are refused before any compute."""
+        raise NoBoxHead(f"{type(self).__name__} has no single linear class head over per-box features, so "
+                        f"box-level methods that read a head ({HEAD_METHODS}) cannot run on it; use methods on "
+                        "the RoI features and logits (mahalanobis, knn, energy, ...) or a family with one "
+                        "(faster_rcnn, rtdetr, deformable_detr)")
 
     def train_detector(self, fit, val, settings: dict, device: torch.device, workdir) -> dict:
         raise NotImplementedError(f"{type(self).__name__} has no larex trainer: give its weights "

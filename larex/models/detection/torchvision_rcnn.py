@@ -138,7 +138,8 @@ class TorchvisionFasterRCNN(DetectorAdapter):
     def forward(self, x: torch.Tensor) -> dict:
         """The network on ``x`` [B, 3, H, W] (already letterboxed and normalized; no transform): ``class_logits``
         [P, C + 1] and ``box_regression`` [P, 4 (C + 1)] of all P proposals of the batch, ``proposals`` (list
-        of [P_b, 4] per image, input frame). Every backbone module runs once."""
+        of [P_b, 4] per image, input frame), ``box_features`` [P, 1024] (the box head's output, the box
+        predictor's input). Every backbone module runs once."""
         from torchvision.models.detection.image_list import ImageList
 
         if x.dim() != 4 or x.shape[1] != 3:
@@ -156,7 +157,8 @@ class TorchvisionFasterRCNN(DetectorAdapter):
         heads = net.roi_heads
         box_features = heads.box_head(heads.box_roi_pool(features, proposals, images.image_sizes))
         class_logits, box_regression = heads.box_predictor(box_features)
-        return {"class_logits": class_logits, "box_regression": box_regression, "proposals": proposals}
+        return {"class_logits": class_logits, "box_regression": box_regression, "proposals": proposals,
+                "box_features": box_features}
 
     @torch.inference_mode()
     def detect(self, x: torch.Tensor, conf: float = 0.05, iou: float = 0.5, max_det: int = 100) -> Detections:
@@ -181,4 +183,10 @@ class TorchvisionFasterRCNN(DetectorAdapter):
         kept = kept[top_per_image(img[kept], scores[keep][kept], int(max_det))]
         keep, prop = keep[kept], prop[kept]
         return Detections(img[kept], boxes[keep].float(), scores[keep].float(), label[kept],
-                          logits[prop, 1:].float())
+                          logits[prop, 1:].float(), out["box_features"][prop].float())
+
+    def box_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The box predictor's ``cls_score`` without the background row: ``Detections.logits = features @ W.T +
+        b`` (features = the box head's 1024-d output of the box's proposal)."""
+        cls = self.model.roi_heads.box_predictor.cls_score
+        return cls.weight[1:], cls.bias[1:]

@@ -22,7 +22,8 @@ all levels, which has no single map to RoIAlign.
 but with one label per query, as the RT-DETR branch of :mod:`.ultralytics`: sigmoid of the class logits
 [B, Q, C] (focal classification, no background class), the queries whose best class score > ``conf``, the
 ``max_det`` best per image (no NMS: a set prediction; ``iou`` is unused); boxes = ``pred_boxes`` (normalized
-cxcywh) times the input size, xyxy input pixels; logits = the kept queries' raw class logits.
+cxcywh) times the input size, xyxy input pixels; logits = the kept queries' raw class logits; features = their
+last decoder states, the input of the linear class head (:meth:`DeformableDETRDetector.box_head`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from larex.models.detection.base import Detections, DetectorAdapter, top_per_image
+from larex.models.detection.base import Detections, DetectorAdapter, keep_best_queries
 
 DEFAULT_BACKBONE = {"embedding_size": 16, "hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1],
                     "layer_type": "basic"}
@@ -43,17 +44,6 @@ def cxcywh_to_xyxy(b: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Normalized cxcywh [..., 4] -> xyxy in pixels of a ``width`` x ``height`` input."""
     xy, wh = b[..., :2], b[..., 2:4] / 2
     return torch.cat([xy - wh, xy + wh], dim=-1) * b.new_tensor([width, height, width, height])
-
-
-def keep_best_queries(boxes: torch.Tensor, logits: torch.Tensor, conf: float, max_det: int) -> Detections:
-    """Set-prediction decoding (no NMS): boxes [B, Q, 4] xyxy input pixels, sigmoid class logits [B, Q, C]; the
-    queries whose best sigmoid score > ``conf``, the ``max_det`` best per image."""
-    logits = logits.float()
-    score, label = logits.sigmoid().max(-1)
-    keep = score > conf
-    img = torch.arange(logits.shape[0], device=logits.device)[:, None].expand_as(score)[keep]
-    sel = top_per_image(img, score[keep], int(max_det))
-    return Detections(img[sel], boxes[keep][sel].float(), score[keep][sel], label[keep][sel], logits[keep][sel])
 
 
 def load_adapter_weights(adapter: nn.Module, weights: str) -> None:
@@ -151,4 +141,11 @@ class DeformableDETRDetector(DetectorAdapter):
     def detect(self, x: torch.Tensor, conf: float = 0.25, iou: float = 0.7, max_det: int = 100) -> Detections:
         out = self(x)
         h, w = x.shape[-2:]
-        return keep_best_queries(cxcywh_to_xyxy(out.pred_boxes.float(), w, h), out.logits, conf, max_det)
+        return keep_best_queries(cxcywh_to_xyxy(out.pred_boxes.float(), w, h), out.logits, conf, max_det,
+                                 out.intermediate_hidden_states[:, -1])
+
+    def box_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last decoder layer's class head: ``logits = class_embed[L - 1](last decoder state)``, the features
+        of :meth:`detect`."""
+        head = self.model.class_embed[self.model.config.decoder_layers - 1]
+        return head.weight, head.bias

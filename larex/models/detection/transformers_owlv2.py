@@ -35,9 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from larex.models.detection.base import Detections, DetectorAdapter, select_detections
-from larex.models.detection.transformers_detr import (cxcywh_to_xyxy, keep_best_queries, load_adapter_weights,
-                                                      plain, seeded_init)
+from larex.models.detection.base import Detections, DetectorAdapter, keep_best_queries, select_detections
+from larex.models.detection.transformers_detr import cxcywh_to_xyxy, load_adapter_weights, plain, seeded_init
 
 BYTE_OFFSET = 1  # token id of byte b = b + 1; 0 = padding
 

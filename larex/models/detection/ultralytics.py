@@ -10,7 +10,8 @@ come from a source you trust. ``forward`` is the raw ``DetectionModel`` (hook ``
   ``scores``): best class score > ``conf``, class-aware NMS at ``iou``, ``max_det`` per image -- ultralytics'
   ``non_max_suppression`` for one label per box.
 * RT-DETR (the last decoder layer's ``[B, Q, 4]`` normalized xywh and ``[B, Q, C]`` class logits, no NMS): the
-  queries whose best sigmoid score > ``conf``, the ``max_det`` best per image.
+  queries whose best sigmoid score > ``conf``, the ``max_det`` best per image; their features are that decoder
+  layer's outputs, the input of its linear score head (:meth:`UltralyticsDetector.box_head`).
 
 Set ``YOLO_OFFLINE=1`` and a temporary ``YOLO_CONFIG_DIR`` where nothing may be downloaded (tests do).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from larex.models.detection.base import Detections, DetectorAdapter, select_detections, top_per_image
+from larex.models.detection.base import Detections, DetectorAdapter, keep_best_queries, select_detections
 
 FAMILIES = ("yolo", "rtdetr")
 
@@ -79,6 +80,20 @@ class UltralyticsDetector(DetectorAdapter):
     def forward(self, x: torch.Tensor):
         return self.model(x)
 
+    def _decoder_layer(self) -> nn.Module:
+        """RT-DETR: the decoder layer whose boxes and classes inference returns (``eval_idx``)."""
+        decoder = self.model.model[-1].decoder
+        return decoder.layers[decoder.eval_idx]
+
+    def box_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """RT-DETR: the evaluated decoder layer's score head (``dec_score_head[eval_idx]``), whose input is the
+        features of :meth:`detect`. YOLO's class head is a separate 1x1 conv per level, not one linear head."""
+        if self.family != "rtdetr":
+            return super().box_head()
+        head = self.model.model[-1]
+        linear = head.dec_score_head[head.decoder.eval_idx]
+        return linear.weight, linear.bias
+
     def train_detector(self, fit, val, settings: dict, device: torch.device, workdir) -> dict:
         """Train with ultralytics' own trainer from this adapter's YAML (random init) on ``fit``, validating on
         ``val``; the trained weights replace this adapter's. ``settings``: epochs, batch_size, image_size, lr0,
@@ -106,19 +121,21 @@ class UltralyticsDetector(DetectorAdapter):
 
     @torch.inference_mode()
     def detect(self, x: torch.Tensor, conf: float = 0.25, iou: float = 0.7, max_det: int = 100) -> Detections:
-        out = self.model(x)
         if self.family == "rtdetr":
-            # raw decoder outputs of the last layer: boxes [B, Q, 4] normalized xywh, class logits [B, Q, C]
+            # raw decoder outputs of the evaluated layer: boxes [B, Q, 4] normalized xywh, class logits [B, Q, C],
+            # and that layer's output [B, Q, hd] (the class head's input), recorded by a hook
+            layer = self._decoder_layer()
+            seen: list[torch.Tensor] = []
+            handle = layer.register_forward_hook(lambda module, args, output: seen.append(output))
+            try:
+                out = self.model(x)
+            finally:
+                handle.remove()
             dec_bboxes, dec_scores = out[1][0][-1], out[1][1][-1]
             h, w = x.shape[-2:]
             boxes = _xywh2xyxy(dec_bboxes) * dec_bboxes.new_tensor([w, h, w, h])
-            logits = dec_scores.float()
-            score, label = logits.sigmoid().max(-1)
-            keep = score > conf
-            img = torch.arange(logits.shape[0], device=logits.device)[:, None].expand_as(score)[keep]
-            sel = top_per_image(img, score[keep], int(max_det))
-            return Detections(img[sel], boxes[keep][sel].float(), score[keep][sel], label[keep][sel],
-                              logits[keep][sel])
+            return keep_best_queries(boxes, dec_scores, conf, max_det, seen[-1] if seen else None)
+        out = self.model(x)
         y, raw = out if isinstance(out, (tuple, list)) else (out, None)
         y = y.transpose(1, 2)  # [B, A, 4 + C]
         probs = y[..., 4:]

@@ -39,10 +39,12 @@ class Detection(Task):
     """Args: boxes (box selection and RoIAlign settings, see :data:`DEFAULT_BOXES`), image_score (reduction
     and no-object policy, :data:`DEFAULT_IMAGE_SCORE`), input (resize mode, stride, padding fill), levels (which
     of ``box`` / ``image`` to evaluate), fit_boxes (box-level methods fit on at most this many ID fit boxes, a
-    seeded random subset; null = all)."""
+    seeded random subset; null = all), box_features (what ``penultimate`` is per box: ``roi`` = the RoI features
+    of the hooked map, or ``head`` = the detector's own class-head input ``box_penultimate``; methods that read
+    a head -- ViM, ReAct, ASH, DICE -- always use the head's input and the head)."""
 
     name = "detection"
-    scoring_settings = ("image_score", "levels", "fit_boxes")
+    scoring_settings = ("image_score", "levels", "fit_boxes", "box_features")
     producer_settings = ("boxes",)  # in the box producer's part hash
     always_keys = ("boxes", "gt_boxes")  # mAP, the no-object counts and the open-set figures read them
     summary_requires = ("no_object", "image_index", "boxes", "box_scores", "box_labels", "gt_image_index",
@@ -51,8 +53,13 @@ class Detection(Task):
 
     def __init__(self, name: str | None = None, boxes: Mapping[str, Any] | None = None,
                  image_score: Mapping[str, Any] | None = None, input: Mapping[str, Any] | None = None,
-                 levels=("box", "image"), fit_boxes: int | None = None):
+                 levels=("box", "image"), fit_boxes: int | None = None, box_features: str = "roi"):
         super().__init__(name)
+        from larex.tasks.detection.levels import BOX_FEATURES
+
+        if box_features not in BOX_FEATURES:
+            raise ValueError(f"task.box_features={box_features!r} is unknown; use one of {BOX_FEATURES}")
+        self.box_features = str(box_features)
         if fit_boxes is not None and (isinstance(fit_boxes, bool) or int(fit_boxes) < 1):
             raise ValueError(f"task.fit_boxes must be a positive integer or null; got {fit_boxes!r}")
         self.fit_boxes = None if fit_boxes is None else int(fit_boxes)
@@ -94,19 +101,20 @@ class Detection(Task):
         bad = {n: unsupported_keys(pp) for n, pp in methods.items() if unsupported_keys(pp)}
         if bad:
             raise ValueError(f"detection has no per-box feature(s) for method(s) {bad}; detection methods read "
-                             "entropy, latent_mean, logits, penultimate and labels (box rows: box_entropy, "
-                             "box_latent_mean, box_logits, roi_features, box_labels)")
+                             "entropy, latent_mean, logits, penultimate, labels and head.* (box rows: box_entropy, "
+                             "box_latent_mean, box_logits, roi_features or box_penultimate, box_labels, box_head.*)")
         out = {}
         for n, pp in methods.items():
             if "box" in self.levels:
-                out[f"box.{n}"] = (BoxView(pp, self.fit_boxes), n)
+                out[f"box.{n}"] = (BoxView(pp, self.fit_boxes, features=self.box_features), n)
             if "image" in self.levels:
                 if image_native(pp):
                     out[f"image.{n}"] = (build(n), n)
                 else:
                     s = self.image_score
-                    out[f"image.{n}"] = (ImageFromBoxes(BoxView(build(n), self.fit_boxes), str(s["reduction"]),
-                                                        str(s["no_object"]), s.get("no_object_score")), n)
+                    box = BoxView(build(n), self.fit_boxes, features=self.box_features)
+                    out[f"image.{n}"] = (ImageFromBoxes(box, str(s["reduction"]), str(s["no_object"]),
+                                                        s.get("no_object_score")), n)
         return out
 
     # ------------------------------------------------------------------ aggregation

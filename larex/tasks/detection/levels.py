@@ -2,7 +2,10 @@
 
 * :class:`BoxView`: the method on box rows -- its keys renamed to their box counterparts (``entropy`` ->
   ``box_entropy``, ``logits`` -> ``box_logits``, ``penultimate`` -> ``roi_features``, ``labels`` ->
-  ``box_labels``, the predicted classes), one score per box.
+  ``box_labels``, the predicted classes), one score per box. A method that reads a linear head (``head.weight``:
+  ViM, ReAct, ASH, DICE) runs on the detector's own head: ``penultimate`` -> ``box_penultimate`` (the head's
+  input per box), ``head.*`` -> ``box_head.*``, so features, logits and head agree; ``features="head"`` makes every
+  method read ``box_penultimate`` for ``penultimate``.
 * :class:`ImageFromBoxes`: image scores from a :class:`BoxView`'s box scores by a reduction (``min``: the
   least-ID box decides; ``mean``; ``score_weighted``: mean weighted by the detector's confidence; ``max``).
   Images without a box above ``predict_conf`` (``no_object``) get the no-object score: ``val_min`` (default;
@@ -27,13 +30,24 @@ BOX_KEYS = {"entropy": "box_entropy", "latent_mean": "box_latent_mean", "logits"
 WHOLE_IMAGE_KEYS = {"entropy": "whole_box_entropy", "latent_mean": "whole_box_latent_mean",
                     "penultimate": "whole_roi_features"}
 """Method key -> its counterpart on the whole-image box (image rows; the ``whole_image`` no-object policy)."""
+HEAD_KEYS = {"penultimate": "box_penultimate", "head.weight": "box_head.weight", "head.bias": "box_head.bias"}
+"""Method key -> its box counterpart for methods that read a head (and for all with ``features="head"``)."""
+BOX_FEATURES = ("roi", "head")
 IMAGE_NATIVE_KEYS = ("entropy", "latent_mean")
 REDUCTIONS = ("min", "mean", "score_weighted", "max")
 NO_OBJECT = ("val_min", "fixed", "whole_image")
 
 
 def unsupported_keys(pp: Postprocessor) -> list[str]:
-    return [k for k in dict.fromkeys((*pp.fit_requires, *pp.requires)) if k not in BOX_KEYS]
+    return [k for k in dict.fromkeys((*pp.fit_requires, *pp.requires)) if k not in BOX_KEYS and k not in HEAD_KEYS]
+
+
+def box_keys(pp: Postprocessor, features: str = "roi") -> dict[str, str]:
+    """``pp``'s key -> box-row key map (see the module docstring)."""
+    if features not in BOX_FEATURES:
+        raise ValueError(f"task.box_features={features!r} is unknown; use one of {BOX_FEATURES}")
+    reads_head = any(k.startswith("head.") for k in (*pp.fit_requires, *pp.requires))
+    return {**BOX_KEYS, **(HEAD_KEYS if reads_head or features == "head" else {})}
 
 
 def image_native(pp: Postprocessor) -> bool:
@@ -42,24 +56,27 @@ def image_native(pp: Postprocessor) -> bool:
 
 class BoxView(Postprocessor):
     """``inner`` on box rows (see the module docstring). Fit on the ID ``fit`` boxes (at most ``fit_boxes`` of
-    them, a ``seed``ed random subset), ``val`` boxes for its hyperparameters."""
+    them, a ``seed``ed random subset), ``val`` boxes for its hyperparameters. ``features``: ``roi`` (the hooked
+    map's RoI features stand for ``penultimate``, except for methods reading a head) or ``head``
+    (``box_penultimate`` for every method)."""
 
-    def __init__(self, inner: Postprocessor, fit_boxes: int | None = None, seed: int = 0):
+    def __init__(self, inner: Postprocessor, fit_boxes: int | None = None, seed: int = 0, features: str = "roi"):
         bad = unsupported_keys(inner)
         if bad:
             raise ValueError(f"{type(inner).__name__} reads {bad}, which detection models do not produce per box; "
-                             f"box-level methods read {sorted(BOX_KEYS)}")
+                             f"box-level methods read {sorted({**BOX_KEYS, **HEAD_KEYS})}")
         self.inner, self.fit_boxes, self.seed = inner, fit_boxes, int(seed)
         self.name = f"box.{inner.name}"
-        self.requires = tuple(BOX_KEYS[k] for k in inner.requires)
-        self.fit_requires = tuple(BOX_KEYS[k] for k in inner.fit_requires)
-        self._back = {v: k for k, v in BOX_KEYS.items()}
+        self._keys = box_keys(inner, features)
+        self.requires = tuple(self._keys[k] for k in inner.requires)
+        self.fit_requires = tuple(self._keys[k] for k in inner.fit_requires)
+        self._back = {v: k for k, v in self._keys.items()}
 
     def _rename(self, feats: Mapping[str, np.ndarray], keys) -> dict[str, np.ndarray]:
         return {self._back[k]: feats[k] for k in keys if k in feats}
 
     def extraction_params(self):
-        return {BOX_KEYS[k]: v for k, v in self.inner.extraction_params().items()}
+        return {self._keys[k]: v for k, v in self.inner.extraction_params().items()}
 
     @property
     def score_axis(self) -> str:
@@ -71,10 +88,11 @@ class BoxView(Postprocessor):
 
     def fit(self, fit, val=None):
         arrays = self._rename(fit, self.fit_requires)
-        n = len(next(iter(arrays.values()))) if arrays else 0
+        rows = [k for k in arrays if not k.startswith("head.")]  # head.* are the model's arrays, not box rows
+        n = len(arrays[rows[0]]) if rows else 0
         if self.fit_boxes is not None and n > self.fit_boxes:  # a seeded subset of the fit boxes (memory of KDE/kNN)
             keep = np.sort(np.random.default_rng(self.seed).choice(n, size=self.fit_boxes, replace=False))
-            arrays = {k: np.asarray(v)[keep] for k, v in arrays.items()}
+            arrays = {k: np.asarray(v)[keep] if k in rows else v for k, v in arrays.items()}
         self.inner.fit(arrays, None if val is None else self._rename(val, self.requires))
         return self
 
@@ -123,7 +141,8 @@ class ImageFromBoxes(Postprocessor):
             raise ValueError("image_score.no_object=fixed needs a finite image_score.no_object_score")
         whole = ()
         if no_object == "whole_image":
-            bad = [k for k in box.inner.requires if k not in WHOLE_IMAGE_KEYS]
+            bad = [k for k in box.inner.requires  # the whole-image box has RoI features, not the head's
+                   if k not in WHOLE_IMAGE_KEYS or box._keys.get(k) == "box_penultimate"]
             if bad:
                 raise ValueError(f"image_score.no_object=whole_image scores a whole-image box, which has no {bad} "
                                  f"(method {box.inner.name}); it works for methods reading {sorted(WHOLE_IMAGE_KEYS)}"
