@@ -235,3 +235,14 @@ def test_transformers_detector_through_the_console_scripts(tmp_path, model, hook
         assert np.ptp(boxes["roi_latent"], axis=1).max() > 0
         assert mc["latent"].shape == (n, 4, channels)
         assert (np.ptp(mc["latent"], axis=1).max(-1) > 0).all()  # every image's latent varies over the S passes
+
+
+def test_a_family_without_a_larex_trainer_fails_before_any_data_is_built():
+    from larex.tasks.detection import Detection
+
+    def no_data(split, raw=False):
+        raise AssertionError("no dataset may be built for a model that cannot train")
+
+    with pytest.raises(ValueError, match="no larex trainer.*model.train=null.*weights"):
+        Detection().train_model(DeformableDETRDetector(num_classes=3), no_data, {"epochs": 1}, torch.device("cpu"),
+                                "/nonexistent")

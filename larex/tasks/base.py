@@ -85,8 +85,9 @@ class Task(ABC):
         """Train ``model`` on the ID ``fit`` split (``dataset("fit")``; ``dataset(split, raw=True)`` without the
         input transform), validating on ``val``; returns the model (eval mode) and figures to record
         (``val_...``). ``settings``: the model's ``train`` config plus ``seed``, ``progress``, ``num_workers``,
-        ``image_size``, ``names``. Default: this task trains no models."""
-        raise NotImplementedError(f"task {self.name!r} does not train models; give weights (train.checkpoint)")
+        ``image_size``, ``names``. Default: this task trains no models (a configuration error naming the fix)."""
+        raise ValueError(f"task {self.name!r} has no trainer: set model.train=null and give the model's weights "
+                         "(train.checkpoint=PATH or model.net.weights)")
 
     # ------------------------------------------------------------------ methods
     def expand_methods(self, methods: Mapping[str, Any], build: Callable[[str], Any]) -> dict[str, tuple[Any, str]]:

@@ -98,6 +98,8 @@ class DetectorAdapter(nn.Module, ABC):
     drives (ultralytics); the others are used with given weights."""
 
     num_classes: int
+    trainable: bool = False
+    """True where :meth:`train_detector` trains the family (checked before any data is built)."""
 
     @abstractmethod
     def forward(self, x: torch.Tensor):
@@ -117,8 +119,9 @@ class DetectorAdapter(nn.Module, ABC):
                         "(faster_rcnn, rtdetr, deformable_detr)")
 
     def train_detector(self, fit, val, settings: dict, device: torch.device, workdir) -> dict:
-        raise NotImplementedError(f"{type(self).__name__} has no larex trainer: give its weights "
-                                  "(model.net.weights=PATH or a hub name, or train.checkpoint=PATH)")
+        raise ValueError(f"{type(self).__name__} has no larex trainer (only the ultralytics families train): set "
+                         "model.train=null and give its weights (model.net.weights=PATH or a hub name, or "
+                         "train.checkpoint=PATH)")
 
 
 # -------------------------------------------------------------------------------------------------------- MC layer

@@ -47,6 +47,8 @@ class UltralyticsDetector(DetectorAdapter):
     """Args: config (model YAML, e.g. ``yolov8n.yaml``), num_classes, weights (None = random init; a safetensors
     state dict or a trusted ultralytics ``.pt``), family (``yolo`` | ``rtdetr``; default from the YAML name)."""
 
+    trainable = True
+
     def __init__(self, config: str = "yolov8n.yaml", num_classes: int = 80, weights: str | None = None,
                  family: str | None = None):
         super().__init__()
