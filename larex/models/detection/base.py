@@ -118,10 +118,18 @@ class DetectorAdapter(nn.Module, ABC):
                         "the RoI features and logits (mahalanobis, knn, energy, ...) or a family with one "
                         "(faster_rcnn, rtdetr, deformable_detr)")
 
-    def train_detector(self, fit, val, settings: dict, device: torch.device, workdir) -> dict:
+    def check_trainable(self) -> None:
+        """A ValueError naming the fix where larex has no trainer for this family (before any data is built)."""
+        if self.trainable:
+            return
         raise ValueError(f"{type(self).__name__} has no larex trainer (only the ultralytics families train): set "
                          "model.train=null and give its weights (model.net.weights=PATH or a hub name, or "
                          "train.checkpoint=PATH)")
+
+    def train_detector(self, fit, val, settings: dict, device: torch.device, workdir) -> dict:
+        """Train on ``fit`` / ``val`` (the trainable families override it)."""
+        self.check_trainable()
+        raise TypeError(f"{type(self).__name__} sets trainable=True but does not override train_detector")
 
 
 # -------------------------------------------------------------------------------------------------------- MC layer

@@ -88,8 +88,7 @@ class Detection(Task):
     # ------------------------------------------------------------------ training
     def train_model(self, model, dataset, settings, device, workdir):
         """The adapter's own trainer (ultralytics for YOLO / RT-DETR) on the raw ``fit`` / ``val`` images."""
-        if not getattr(model, "trainable", False):
-            model.train_detector(None, None, dict(settings), device, workdir)  # its error names the fix
+        model.check_trainable()  # before the datasets are built
         info = model.train_detector(dataset("fit", raw=True), dataset("val", raw=True), dict(settings), device,
                                     workdir)
         return model.eval(), info
