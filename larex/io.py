@@ -231,7 +231,7 @@ def _entry_axes(entry: Mapping[str, Any]) -> dict[str, int]:
     return dict(entry.get("axes") or {features.PRIMARY_AXIS: int(entry["rows"])})
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -285,7 +285,7 @@ def _shard_problem(path: Path, entry: Mapping[str, Any], verify: str | None) -> 
         sha = entry.get("sha256")
         if sha is None:
             return _file_header_problem(path, actual)
-        got = _file_sha256(path)
+        got = file_sha256(path)
         if got != sha:
             return f"sha256 mismatch (content {got[:16]}..., manifest {sha[:16]}...)"
     return None

@@ -339,6 +339,8 @@ class Run:
     splits: list[str]
     step_hashes: dict[str, str] | None = None
     """Derived key -> hash of what it is computed from (extraction, its input part, its step's identity)."""
+    bases: dict[str, str] = field(default_factory=dict)
+    """Evaluated method (a task view such as ``box.lared``) -> the selected method it comes from (``lared``)."""
     _split_hashes: dict[str, str] = field(default_factory=dict, repr=False)
 
     def split_hash(self, split: str) -> str:
@@ -407,7 +409,8 @@ def prepare(cfg: DictConfig) -> Run:
     agg_hash = io.config_hash({"extract": ex_hash, "inputs": latent_parts, "steps": [dict(s.identity) for s in steps]})
     step_hashes = {s.output: io.config_hash({"extract": ex_hash, "inputs": sorted({plan.parts[i] for i in s.inputs}),
                                              "step": dict(s.identity)}) for s in steps}
-    run = Run(cfg, task, specs, methods, plan, None, splits, step_hashes)
+    run = Run(cfg, task, specs, methods, plan, None, splits, step_hashes,
+              bases={name: base for name, (_, base) in views.items()})
     eval_hash = io.config_hash({
         "methods": {n: plain(s) for n, s in specs.items()}, "extract": ex_hash, "aggregate": agg_hash,
         "parts": dict(sorted(plan.parts.items())), "splits": {s: run.split_hash(s) for s in splits},
@@ -427,6 +430,35 @@ def part_problem(directory: Path) -> str:
     if bad:
         return f"corrupt or missing shard(s) {', '.join(str(directory / b) for b in bad)}"
     return f"{directory} is incomplete or from another config"
+
+
+CHECKPOINT = "model.safetensors"
+"""File name of the weights larex-train writes in ``checkpoint-<hash>/``."""
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    from larex.layout import Layout
+
+    h = train_hash(cfg)
+    return Layout(output_root(cfg), str(cfg.task.name), str(cfg.dataset.name), str(cfg.model.name),
+                  str(cfg.hooked_layer.name), h, "", "", "").checkpoint_dir
+
+
+def checkpoint_path(cfg: DictConfig) -> Path | None:
+    """The weights file the run's model loads: ``train.checkpoint`` if given, else this config's train output;
+    None when the net brings its own weights (``model.train`` null: ``model.net.weights`` or random init)."""
+    given = cfg.train.get("checkpoint")
+    if not given and cfg.model.get("train") is None:
+        return None
+    if given:
+        path = Path(str(given)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"train.checkpoint={path} does not exist (a safetensors state_dict is expected)")
+        return path
+    if not io.is_complete(checkpoint_dir(cfg), train_hash(cfg)):
+        raise FileNotFoundError(f"no trained model for this config at {checkpoint_dir(cfg)}: run larex-train "
+                                "(or larex-run), or set train.checkpoint=PATH.safetensors")
+    return checkpoint_dir(cfg) / CHECKPOINT
 
 
 def output_root(cfg: DictConfig) -> Path:

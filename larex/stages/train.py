@@ -10,60 +10,36 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from larex import io
 from larex.stages import common
 
-CHECKPOINT = "model.safetensors"
-
-
-def checkpoint_dir(cfg: DictConfig) -> Path:
-    from larex.layout import Layout
-
-    h = common.train_hash(cfg)
-    return Layout(common.output_root(cfg), str(cfg.task.name), str(cfg.dataset.name), str(cfg.model.name),
-                  str(cfg.hooked_layer.name), h, "", "", "").checkpoint_dir
+CHECKPOINT = common.CHECKPOINT
+checkpoint_dir = common.checkpoint_dir
+checkpoint_path = common.checkpoint_path
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
-    return instantiate(cfg.model.net)
+    from larex.models.loading import build_network
+
+    return build_network(cfg.model.net)
 
 
 def with_mc_layer(cfg: DictConfig, model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with the MC layer of ``hooked_layer.insert`` (kind, drop_prob, block_size, levels: one per FPN
-    level of a hooked mapping) inserted after the
-    hooked layer, for models without dropout there (detectors); unchanged when ``insert`` is null. Applied to
-    loaded weights only: training and the deterministic outputs never see it (eval mode = identity)."""
-    ins = cfg.hooked_layer.get("insert")
-    if not ins:
-        return model
-    from larex.models.detection.base import insert_mc_layer
+    """``model`` with the MC layer of ``hooked_layer.insert`` (:func:`larex.models.loading.with_mc_layer`)."""
+    from larex.models.loading import with_mc_layer as insert
 
-    return insert_mc_layer(model, str(cfg.hooked_layer.path), str(ins.get("kind", "dropblock")),
-                           float(ins.get("drop_prob", 0.5)), int(ins.get("block_size", 3)), ins.get("levels"))
+    return insert(model, common.plain(cfg.hooked_layer))
 
 
 def load_model(cfg: DictConfig) -> torch.nn.Module:
     """The trained network (``train.checkpoint`` if given, else this config's train output), in eval mode."""
-    given = cfg.train.get("checkpoint")
-    if not given and cfg.model.get("train") is None:  # the net brings its weights (model.net.weights) or none
-        return with_mc_layer(cfg, build_model(cfg)).eval()
-    path = Path(str(given)).expanduser() if given else checkpoint_dir(cfg) / CHECKPOINT
-    if given is None and not io.is_complete(checkpoint_dir(cfg), common.train_hash(cfg)):
-        raise FileNotFoundError(f"no trained model for this config at {checkpoint_dir(cfg)}: run larex-train "
-                                "(or larex-run), or set train.checkpoint=PATH.safetensors")
-    if not path.is_file():
-        raise FileNotFoundError(f"train.checkpoint={path} does not exist (a safetensors state_dict is expected)")
-    model = build_model(cfg)
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match model={cfg.model.name}: missing keys {missing[:5]}, "
-                         f"unexpected keys {unexpected[:5]}")
-    return with_mc_layer(cfg, model).eval()
+    from larex.models.loading import load_network
+
+    return load_network(cfg.model.net, common.plain(cfg.hooked_layer), checkpoint_path(cfg),
+                        f"model={cfg.model.name}")
 
 
 def run(cfg: DictConfig, run=None) -> Path:
