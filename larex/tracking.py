@@ -93,6 +93,13 @@ class Tracker:
             self.run_id = run.info.run_id
             yield self
 
+    @contextmanager
+    def resume_run(self, run_id: str) -> Iterator["Tracker"]:
+        """Reopen an earlier run of this store (to add artifacts to it)."""
+        with self._mlflow.start_run(run_id=run_id):
+            self.run_id = run_id
+            yield self
+
     def sweep_parent(self, sweep_dir: str | Path, name: str) -> str:
         """The parent run of a Hydra multirun sweep, created once by whichever job gets there first.
 
@@ -137,6 +144,72 @@ class Tracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._mlflow.log_text(text, artifact_file)
+
+    def log_detector(self, name: str, directory: str | Path, files: Mapping[str, str | Path]) -> str:
+        """Log a saved detector folder as an MLflow pyfunc model of this run (models-from-code, nothing
+        pickled): artifacts ``detector`` (the folder) and ``files`` (artifact name -> the weights it references:
+        ``checkpoint``, ``net.<key>``), so ``mlflow models serve -m <uri>`` hosts it. Returns the model URI."""
+        from importlib.metadata import version
+
+        from larex.serving import detector_model
+
+        artifacts = {"detector": str(directory), **{k: str(v) for k, v in files.items()}}
+        info = self._mlflow.pyfunc.log_model(name=name, python_model=detector_model.__file__.replace(".pyc", ".py"),
+                                             artifacts=artifacts, pip_requirements=[f"larex=={version('larex')}"])
+        return info.model_uri
+
+
+def set_detector_model() -> None:
+    """``mlflow.models.set_model`` of a fresh :func:`detector_pyfunc` (called by the models-from-code file)."""
+    import mlflow
+
+    mlflow.models.set_model(detector_pyfunc())
+
+
+def detector_pyfunc():
+    """A pyfunc model over :class:`larex.detector.Detector`. Input: a DataFrame with a column ``image`` (each an
+    encoded image file as base64 text) or ``path`` (image files on the serving machine); output: one row per
+    input with ``score``, ``is_ood``, ``threshold``, each view's score and ``error`` (and for detection ``box_rows``:
+    the input's box rows as JSON). Env ``LAREX_DEVICE`` picks the device (default auto)."""
+    import mlflow
+
+    return _detector_model_class(mlflow.pyfunc.PythonModel)()
+
+
+def _detector_model_class(base):
+    class DetectorModel(base):
+        _skip_type_hint_validation = True  # the input is a plain DataFrame, checked in predict
+        def load_context(self, context):
+            from larex.detector import Detector
+
+            arts = dict(context.artifacts)
+            files = {k[4:]: v for k, v in arts.items() if k.startswith("net.")}
+            self.detector = Detector.load(arts["detector"], device=os.environ.get("LAREX_DEVICE", "auto"),
+                                          checkpoint=arts.get("checkpoint"), files=files)
+
+        def predict(self, context, model_input, params=None):
+            import json
+
+            from larex.detector import decode_image, read_image
+
+            cols = list(getattr(model_input, "columns", []))
+            if "image" in cols:
+                sources, read = list(model_input["image"]), decode_image
+            elif "path" in cols:
+                sources, read = list(model_input["path"]), read_image
+            else:
+                raise ValueError(f"the larex detector takes a DataFrame with a column 'image' (base64 image files) "
+                                 f"or 'path'; got columns {cols}")
+            params = dict(params or {})
+            res = self.detector.score_sources(sources, read, threshold=params.get("threshold"),
+                                              batch_size=int(params.get("batch_size", 64)))
+            table = res.images.drop(columns=["source"])
+            if res.boxes is not None:
+                per = {i: g.drop(columns=["image", "source"]).to_dict("records") for i, g in res.boxes.groupby("image")}
+                table["box_rows"] = [json.dumps(per.get(i, []), default=float) for i in table["image"]]
+            return table
+
+    return DetectorModel
 
 
 def _check_reachable(uri: str) -> None:

@@ -17,6 +17,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
+_REAL_CREATE_CONNECTION = socket.create_connection
+
+
 class _BlockedSocket(socket.socket):
     def __init__(self, family=socket.AF_INET, *args, **kwargs):
         if family not in (socket.AF_UNIX,):
@@ -26,6 +29,37 @@ class _BlockedSocket(socket.socket):
 
 def _blocked_connect(*args, **kwargs):
     raise RuntimeError("network access is blocked in tests (larex tests run offline)")
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class _LoopbackSocket(socket.socket):
+    """Sockets that connect to this machine only (a test's own server); any other address is refused."""
+
+    def connect(self, address):
+        if self.family != socket.AF_UNIX and address[0] not in LOOPBACK:
+            raise RuntimeError(f"network access is blocked in tests except loopback; got {address[0]}")
+        return super().connect(address)
+
+    def connect_ex(self, address):
+        if self.family != socket.AF_UNIX and address[0] not in LOOPBACK:
+            raise RuntimeError(f"network access is blocked in tests except loopback; got {address[0]}")
+        return super().connect_ex(address)
+
+
+@pytest.fixture
+def loopback(monkeypatch):
+    """Allow connections to 127.0.0.1 / ::1 only, for a test that talks to its own server (mlflow serve)."""
+    monkeypatch.setattr(socket, "socket", _LoopbackSocket)
+
+    def create_connection(address, *args, **kwargs):
+        if address[0] not in LOOPBACK:
+            raise RuntimeError(f"network access is blocked in tests except loopback; got {address[0]}")
+        return _REAL_CREATE_CONNECTION(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -25,9 +25,8 @@ def test_yolov8_detection_through_the_console_scripts(tmp_path):
     weights = calibrated_weights("yolov8n.yaml", tmp_path / "yolo.safetensors")
     out = tmp_path / "out"
     args = [*DET, *_out_args(out), "model=yolov8", "hooked_layer=yolov8_sppf", f"model.net.weights={weights}",
-            "baselines=[msp,energy,mdist]"]
-    for stage in ("larex-extract", "larex-aggregate", "larex-evaluate"):
-        cli(stage, *args, cwd=tmp_path)
+            "baselines=[msp,energy,mdist]", "save_detector=[lared,msp]"]
+    cli("larex-run", *args, cwd=tmp_path)
     layer = out / "detection" / "shapes" / "yolov8" / "sppf"
     df = pd.read_csv(layer / "latest" / "metrics.csv")
     methods = {f"{lv}.{m}" for lv in ("box", "image") for m in ("lared", "larem", "msp", "energy", "mdist")}
@@ -63,14 +62,52 @@ def test_yolov8_detection_through_the_console_scripts(tmp_path):
     assert (layer / "latest" / "plots" / "boxes_box.lared.png").stat().st_size > 10_000
     results = (layer / "latest" / "results.md").read_text()
     assert "map50" in results
+    _saved_detectors_score_as_evaluated(layer, args, feats["test"])
+
+
+def _saved_detectors_score_as_evaluated(layer, args, test_feats):
+    """A saved detection detector scores the raw test images per box and per image exactly as evaluate did, and
+    its box rows are the extracted boxes (original-image pixels). Bit-identical needs the extraction's batches
+    and threads (the console scripts ran batches of 8 with OMP_NUM_THREADS=1): float32 convolutions round
+    differently with another batch size or thread count (relative ~1e-6); the float64 scoring of those rows in
+    batches of 8 images instead of the whole split differs by rounding only."""
+    import torch
+    from hydra import compose, initialize_config_module
+
+    from larex.detector import Detector
+    from larex.stages import common
+
+    with initialize_config_module("larex.configs", version_base="1.3"):
+        cfg = compose("run", overrides=[a for a in args if not a.startswith("tracking.")])
+    ds = common.build_dataset(cfg, "test", raw=True)
+    images = [ds[i][0] for i in range(len(ds))]
+    threads = torch.get_num_threads()
+    for method in ("lared", "msp"):
+        det = Detector.load(layer / "latest" / "detector" / method, device="cpu")
+        assert sorted(det.views) == [f"box.{method}", f"image.{method}"]
+        torch.set_num_threads(1)
+        try:
+            res = det.score(images, batch_size=8)
+        finally:
+            torch.set_num_threads(threads)
+        for view in det.views:
+            scores = pd.read_parquet(next((layer / "scores").glob(f"{view}-*.parquet")))
+            ref = scores.loc[scores["split"] == "test", "score"].to_numpy()
+            got = (res.boxes if view.startswith("box.") else res.images)[view].to_numpy()
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)  # float64 scoring of other row chunks
+        np.testing.assert_array_equal(res.boxes[["x1", "y1", "x2", "y2"]].to_numpy(), test_feats["boxes"])
+        np.testing.assert_array_equal(res.boxes["image"].to_numpy(), test_feats["image_index"])
+        assert (res.images["no_object"].to_numpy() == test_feats["no_object"].astype(bool)).all()
+        assert (res.images["is_ood"] == (res.images["score"] < det.thresholds[f"image.{method}"])).all()
+        assert (res.boxes["is_ood"] == (res.boxes["score"] < det.thresholds[f"box.{method}"])).all()
 
 
 def test_rtdetr_extracts_box_and_image_features(tmp_path):
-    weights = calibrated_weights("rtdetr-l.yaml", tmp_path / "rtdetr.safetensors")
+    weights = calibrated_weights("rtdetr-l.yaml", tmp_path / "rtdetr.safetensors", image_size=96)
     out = tmp_path / "out"
     args = [*DET, *_out_args(out), "model=rtdetr", "hooked_layer=rtdetr_aifi", f"model.net.weights={weights}",
             "task.boxes.predict_conf=0", "limit.fit=8", "limit.val=8", "limit.test=8", "limit.ood=8",
-            "+ood=[shapes_near]", "baselines=[msp,vim]"]
+            "dataset.image_size=96", "dataset.size=96", "+ood=[shapes_near]", "baselines=[msp,vim]"]
     cli("larex-extract", *args, cwd=tmp_path)
     extract = next((out / "detection" / "shapes" / "rtdetr" / "aifi").glob("extract-*"))
     boxes = {k: v for p in (extract / "test").glob("boxes-*") for k, v in
@@ -81,7 +118,7 @@ def test_rtdetr_extracts_box_and_image_features(tmp_path):
     assert boxes["box_logits"].shape == (80, 3) and (boxes["no_object"] == 0).all()
     assert latent["latent"].shape == (8, 6, 256)
     assert np.ptp(latent["latent"], axis=1).max() > 0  # the inserted DropBlock varies the MC samples
-    assert (boxes["boxes"][:, 2:] <= 160).all() and (boxes["boxes"] >= 0).all()
+    assert (boxes["boxes"][:, 2:] <= 96).all() and (boxes["boxes"] >= 0).all()
     # ViM reads the decoder's per-query features and its score head: logits = features @ W.T + b
     head = load_file(str(next(extract.rglob("box_head-*.safetensors"))))
     assert boxes["box_penultimate"].shape == (80, 256)

@@ -38,6 +38,12 @@ class Estimator(ABC):
             raise ValueError(f"{type(self).__name__} needs MC latents [N, S, D]; got shape {tuple(x.shape)}")
         return self.compute(x).cpu().numpy()
 
+    def transform(self, latent, device: str | torch.device = "cpu") -> np.ndarray:
+        """``latent`` [N, S, D] (array or tensor) -> the estimate, one row per input (float64 numpy)."""
+        if isinstance(latent, torch.Tensor):
+            latent = latent.detach().cpu().numpy()
+        return self({self.inputs[0]: latent}, device)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
 

@@ -134,3 +134,37 @@ class FeatureExtractor(pl.LightningModule):
             raise ValueError("head_weights() needs head= the dotted path of the final linear layer")
         check_head(self.model, self.head, "head_weights()")
         return Head(self.head).model_arrays(self.model)
+
+
+def extract_features(extractor: FeatureExtractor, loader, progress: bool = True) -> dict[str, "np.ndarray"]:
+    """Run ``extractor`` over every batch of ``loader`` and return its keys as numpy arrays, rows in loader order
+    (the notebook path; the extract stage streams large splits to safetensors shards instead). Batches may be
+    ``(x, y, index)``, ``(x, y)`` or ``x`` alone (``y = -1``, ``index`` = running row number). Model-axis keys
+    (``head.weight``) are not rows: read them with :meth:`FeatureExtractor.head_weights`."""
+    import numpy as np
+    from rich.progress import Progress
+
+    from larex import io
+
+    parts: dict[str, list] = {}
+    row = 0
+    total = len(loader) if hasattr(loader, "__len__") else None
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("extracting", total=total)
+        for batch in loader:
+            if isinstance(batch, (tuple, list)) and len(batch) == 3:
+                x, y, index = batch
+            else:
+                x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
+                n = len(x)
+                y = torch.full((n,), -1, dtype=torch.int64) if y is None else y
+                index = torch.arange(row, row + n)
+            with torch.no_grad():  # producers that need gradients (ODIN, NAC) enable them themselves
+                out = extractor.run_producers((x, y, index), extractor.producers)
+            for k, v in out.items():
+                parts.setdefault(k, []).append(io.to_numpy(v))
+            row += len(torch.as_tensor(index).reshape(-1))
+            bar.advance(task)
+    if not parts:
+        raise ValueError("extract_features: the loader gave no batches (empty dataset?)")
+    return {k: np.concatenate(v) for k, v in parts.items()}

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from larex import io
+from larex.detector import SPEC_FILE
 from larex.featurestore import FeatureStore
 from larex.layout import claim
 from larex.reporting.figures import evaluation_plots
@@ -33,7 +35,19 @@ def check_requirements(cfg: DictConfig, run: common.Run | None = None) -> common
     run = run or common.prepare(cfg)
     if not run.methods:
         raise common.ConfigError("no method selected: set postprocessor=[lared,larem] and/or baselines=[...]")
+    selected = set(run.bases.values())
+    unknown = [m for m in detector_methods(cfg, run) if m not in selected]
+    if unknown:
+        raise common.ConfigError(f"save_detector={unknown}: not among the evaluated methods {sorted(selected)}; "
+                                 "save only methods selected with postprocessor=[...] or baselines=[...]")
     return run
+
+
+def detector_methods(cfg: DictConfig, run: common.Run) -> list[str]:
+    """The selected methods to save as deployable detectors (``save_detector=[lared,vim]``; ``all``: every one)."""
+    node = cfg.get("save_detector") or []
+    names = [str(node)] if isinstance(node, str) else [str(m) for m in node]
+    return list(dict.fromkeys(run.bases.values())) if "all" in names else names
 
 
 def score(cfg: DictConfig, run: common.Run, methods: dict | None = None, store: FeatureStore | None = None):
@@ -60,6 +74,15 @@ def run(cfg: DictConfig, run: common.Run | None = None) -> pd.DataFrame:
             df = pd.read_csv(out / "metrics.csv")
             common.log("evaluate", f"up to date: {out / 'metrics.csv'}")
             print_results(common.console, df, title(cfg))
+            if any(not (out / DETECTOR_DIR / m / SPEC_FILE).is_file() for m in detector_methods(cfg, run)):
+                store = feature_store(run)
+                saved = _save_detectors(cfg, run, store, score(cfg, run, store=store)[0], out)
+                info = io.read_json(state)
+                if info.get("mlflow_run_id") and cfg.tracking.enabled:
+                    tracker = _tracker(cfg)
+                    with tracker.resume_run(info["mlflow_run_id"]):
+                        info = _log_detectors(cfg, tracker, saved, info)
+                    io.write_json(state, info)
             run.layout.record("evaluate", out, h, _index_info(cfg, run))
             return df
         return _evaluate(cfg, run, out, h)
@@ -71,12 +94,7 @@ def _index_info(cfg: DictConfig, run: common.Run) -> dict:
 
 def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFrame:
     oods = common.ood_names(cfg)
-    tracker = None
-    if cfg.tracking.enabled:
-        from larex.tracking import Tracker, default_uri
-
-        uri = cfg.tracking.uri or default_uri(common.output_root(cfg))
-        tracker = Tracker(uri, str(cfg.tracking.experiment), artifact_root=common.output_root(cfg) / "mlartifacts")
+    tracker = _tracker(cfg) if cfg.tracking.enabled else None
 
     store = feature_store(run)  # one store: features read for scoring are reused by the summary metrics
     all_scores, timings = score(cfg, run, store=store)
@@ -100,6 +118,7 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
     if cfg.evaluate.plots:
         pngs += _task_plots(cfg, run, store, all_scores, oods, table, out / "plots")
 
+    saved = _save_detectors(cfg, run, store, all_scores, out)
     info = {"config_hash": h}
     if tracker is not None:
         sweep = common.sweep_info()
@@ -119,6 +138,7 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
                 tracker.log_artifact(p, "plots")
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             info.update({"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri})
+            info = _log_detectors(cfg, tracker, saved, info)
     io.write_json(out / "evaluate.json", info)
     run.layout.record("evaluate", out, h, _index_info(cfg, run))
 
@@ -129,6 +149,69 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
     if tracker is not None:
         common.console.print(f"MLflow run {tracker.run_id}: mlflow ui --backend-store-uri {tracker.uri}")
     return table
+
+
+DETECTOR_DIR = "detector"
+
+
+def _tracker(cfg: DictConfig):
+    from larex.tracking import Tracker, default_uri
+
+    uri = cfg.tracking.uri or default_uri(common.output_root(cfg))
+    return Tracker(uri, str(cfg.tracking.experiment), artifact_root=common.output_root(cfg) / "mlartifacts")
+
+
+def _log_detectors(cfg: DictConfig, tracker, saved: dict[str, Path], info: dict) -> dict:
+    """Each saved detector logged to the open MLflow run as a pyfunc model (``tracking.log_detectors``), with
+    the weights it references; ``info["detectors"][method]`` gets the folder and the model URI."""
+    if not saved or not cfg.tracking.get("log_detectors", True):
+        return info
+    info = {**info, "detectors": dict(info.get("detectors") or {})}
+    for method, directory in saved.items():
+        model = io.read_json(directory / SPEC_FILE)["model"]
+        files = {"checkpoint": model["checkpoint"]["path"]} if model.get("checkpoint") else {}
+        files.update({f"net.{k}": f["path"] for k, f in (model.get("files") or {}).items()})
+        uri = tracker.log_detector(f"detector-{method}", directory, files)
+        info["detectors"][method] = {"path": str(directory), "mlflow_model_uri": uri}
+        common.log("evaluate", f"detector {method} logged to MLflow: {uri}")
+    return info
+
+
+def _save_detectors(cfg: DictConfig, run: common.Run, store: FeatureStore, all_scores, out: Path) -> dict[str, Path]:
+    """``detector/<method>/`` for every method of ``save_detector``: its views fitted (refitted when their scores
+    came from the cache; fitting is deterministic), their ID-val thresholds, and what rebuilds the model and the
+    features (:mod:`larex.detector`). Returns method -> folder."""
+    from larex import metrics
+    from larex.detector import detector_spec, save_detector
+
+    tpr = float(cfg.evaluate.tpr)
+    saved = {}
+    for method in detector_methods(cfg, run):
+        views = {v: pp for v, pp in run.methods.items() if run.bases[v] == method}
+        thresholds = {}
+        for v, pp in views.items():
+            if not pp.is_fitted:
+                pp.fit(store.get("fit", pp.fit_requires), store.get("val", pp.requires))
+            val = np.asarray(all_scores[v]["val"], dtype=np.float64)
+            thr = metrics.threshold_at_tpr(val, tpr)
+            zs = list(cfg.evaluate.zscore_percentiles)
+            thresholds[v] = {"threshold": thr, "tpr": tpr, "val_tpr": float(np.mean(val >= thr)),
+                             "zscore_thresholds": metrics.zscore_thresholds(val, tuple(zs)) if zs else {},
+                             "score_axis": pp.score_axis}
+        est = cfg.aggregate.get("estimator")
+        spec = detector_spec(
+            method=method, method_spec=common.plain(common.method_specs(cfg)[method]),
+            task=common.plain(cfg.task),
+            model={"name": str(cfg.model.name), "net": common.plain(cfg.model.net), "head": cfg.model.get("head"),
+                   "checkpoint": common.checkpoint_path(cfg)},
+            hooked_layer=common.plain(cfg.hooked_layer), input_spec=common.input_spec(cfg),
+            context=common.producer_context(cfg), estimator=None if est is None else common.plain(est),
+            thresholds=thresholds,
+            source={"evaluate_dir": str(out), "evaluate_hash": run.layout.evaluate_hash,
+                    "dataset": str(cfg.dataset.name), "hooked_layer": str(cfg.hooked_layer.name)})
+        saved[method] = save_detector(out / DETECTOR_DIR / method, spec, views)
+        common.log("evaluate", f"detector {method} ({', '.join(views)}) -> {saved[method]}")
+    return saved
 
 
 def _with_split_metrics(table: pd.DataFrame, run: common.Run, store: FeatureStore, oods: list[str]):

@@ -121,6 +121,19 @@ class Task(ABC):
         paths. ``feats(split)``: the split's :attr:`method_requires` keys; ``images(split, rows)``: raw images."""
         return []
 
+    # ------------------------------------------------------------------ a saved detector's outputs
+    report_keys: tuple[str, ...] = ()
+    """Keys a saved detector extracts besides its methods' to describe its rows (detection: the boxes)."""
+
+    def blank_target(self) -> Any:
+        """The target of an input with no annotation (a saved detector scoring new images): ``-1``."""
+        return -1
+
+    def report_columns(self, feats: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+        """Row axis -> columns describing its rows in a saved detector's results (from :attr:`report_keys`);
+        ``image`` rows always carry their position. Default none."""
+        return {}
+
     def split_metrics(self, feats: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Figures of one split reported beside the OOD metrics (detection: the no-object share); default none."""
         return {}

@@ -187,6 +187,24 @@ class Detection(Task):
                                               f"boxes_{name}.png", thresholds.get(name), limits))
         return out
 
+    report_keys = ("image_index", "boxes", "box_scores", "box_labels", "no_object")
+
+    def blank_target(self):
+        import torch
+
+        return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+
+    def report_columns(self, feats):
+        """Box rows: the image (position in the batch), xyxy in the original image's pixels, predicted class and
+        confidence; image rows: their box count and the no-object flag."""
+        boxes = np.asarray(feats["boxes"]).reshape(-1, 4)
+        idx = np.asarray(feats["image_index"], dtype=np.int64)
+        n = int(np.asarray(feats["no_object"]).shape[0])
+        return {"box": {"image": idx, "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
+                        "label": np.asarray(feats["box_labels"], dtype=np.int64),
+                        "confidence": np.asarray(feats["box_scores"], dtype=np.float64)},
+                "image": {"boxes": np.bincount(idx, minlength=n), "no_object": np.asarray(feats["no_object"]) > 0}}
+
     def split_metrics(self, feats):
         """Count and share of the split's images without a box above ``predict_conf``."""
         if "no_object" not in feats:

@@ -99,6 +99,13 @@ class BoxView(Postprocessor):
     def score(self, feats) -> np.ndarray:
         return self.inner.score(self._rename(feats, self.requires))
 
+    def fitted_state(self) -> dict[str, np.ndarray]:
+        return self.inner.fitted_state()
+
+    def set_fitted_state(self, state):
+        self.inner.set_fitted_state(state)
+        return self
+
 
 def reduce_boxes(box_scores: np.ndarray, image_index: np.ndarray, n_images: int, reduction: str,
                  weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -181,6 +188,22 @@ class ImageFromBoxes(Postprocessor):
                                  "predict_conf, so no no-object score can be chosen; lower task.boxes.predict_conf "
                                  "or set image_score.no_object=fixed")
             self.no_object_value_ = float(s[has].min())
+        return self
+
+    def fitted_state(self) -> dict[str, np.ndarray]:
+        """The box view's state (``box.<key>``) and the chosen no-object score."""
+        if not self.is_fitted:
+            from larex.postprocessors.base import NotFittedError
+
+            raise NotFittedError(f"{self.name} is not fitted: nothing to export; call .fit() first")
+        return {**{f"box.{k}": v for k, v in self.box.fitted_state().items()},
+                "no_object_value": np.asarray(self.no_object_value_, dtype=np.float64)}
+
+    def set_fitted_state(self, state):
+        if "no_object_value" not in state:
+            raise ValueError(f"{self.name}: the state has no 'no_object_value' (keys {sorted(state)})")
+        self.box.set_fitted_state({k[4:]: v for k, v in state.items() if k.startswith("box.")})
+        self.no_object_value_ = float(np.asarray(state["no_object_value"]).reshape(-1)[0])
         return self
 
     def _reduce(self, feats) -> tuple[np.ndarray, np.ndarray]:
