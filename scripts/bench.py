@@ -20,6 +20,8 @@ Every row is measured in this run; speed rows time larex and its reference on th
 * ``detection/*`` box-level LaREx extraction (one forward + RoIAlign + S DropBlock samples of the RoI features)
   vs a plain deterministic ``detect`` of the same model (goal <= 1.3x its time), and image-level MC latents of
   the hooked map with the shared prefix vs S full passes, for YOLOv8n and Faster R-CNN MobileNetV3.
+* ``detector/*``  per-batch scoring latency of a saved LaRED / LaREM detector (``larex.Detector``, S=16) vs plain
+  deterministic inference of the same model on the same batch, batch 1 and 64 (goal <= 1.5x).
 * ``memory/*``    peak RSS of the extraction stage (``Trainer.predict`` streaming to safetensors shards)
   at N and 10N images, each in a fresh process: the goal is <20% growth.
 * ``stages/*``    (last; about 3 minutes of the run on 2 cores) per-stage wall time of
@@ -64,7 +66,7 @@ from larex.io import write_text
 
 # group -> its row builder in benchmarks.<group> (imported when the group runs)
 BUILDERS = {"entropy": "entropy_rows", "estimators": "estimators_rows", "scoring": "scoring_rows", "baselines": "baseline_rows", "mc": "mc_rows",
-            "detection": "detection_rows",
+            "detection": "detection_rows", "detector": "detector_rows",
             "memory": "memory_rows", "stages": "stages_rows"}
 assert set(BUILDERS) == set(GROUPS)
 

@@ -344,11 +344,14 @@ def row_seeds(model: nn.Module, seeds: torch.Tensor) -> Iterator[None]:
 class _MaskEngine:
     """Cache of deterministic masks for one ``mc_mode`` context; patches each MC layer's ``forward``."""
 
-    def __init__(self, samples: int, seed: int, masks: str = "shared", norm: str = "per_mask") -> None:
+    def __init__(self, samples: int, seed: int, masks: str = "shared", norm: str = "per_mask",
+                 cache: dict | None = None) -> None:
         self.samples, self.seed, self.mode, self.norm = samples, seed, masks, norm
         self.image_seeds: torch.Tensor | None = None  # per_image: seeds [B] of the current forward's images
-        self._cpu: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._dev: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # a caller's cache outlives the context (masks depend only on these settings and the key below)
+        store = {} if cache is None else cache.setdefault(("masks", samples, seed, norm), {})
+        self._cpu: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = store.setdefault("cpu", {})
+        self._dev: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = store.setdefault("dev", {})
 
     def masks(self, m: nn.Module, ordinal: int, row_shape: tuple[int, ...], device: torch.device,
               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -419,7 +422,7 @@ class _MaskEngine:
 @contextmanager
 def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | None = None, *,
             samples: int | None = None, seed: int | None = None, masks: str = "shared",
-            mask_norm: str = "per_mask") -> Iterator[list[tuple[str, nn.Module]]]:
+            mask_norm: str = "per_mask", cache: dict | None = None) -> Iterator[list[tuple[str, nn.Module]]]:
     """Whole model in eval, only its MC layers in train mode; yields ``mc_modules(model)``.
 
     BatchNorm, spectral-norm power iterations etc. stay in eval, so a pass changes no buffer.
@@ -436,7 +439,8 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
     DropBlock normalises each mask by its own kept fraction (a fully dropped mask gives zeros, not NaN).
     Masks are drawn once per (layer, row shape, S, drop_prob, block_size) and cached for the context;
     the global RNG is neither used nor changed. A layer called several times in one forward with the same
-    row shape applies the same mask s each time.
+    row shape applies the same mask s each time. ``cache`` (a dict the caller keeps) keeps the drawn shared
+    masks across contexts, so a caller scoring one small batch at a time draws them once.
 
     ``masks="per_image"`` (needs ``samples``/``seed``): row ``b*S + s`` gets its own masks, drawn from image
     b's seed (:func:`image_seeds` of the image's bytes and the run seed, handed in with :func:`row_seeds`
@@ -485,7 +489,7 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
                     saved.append((m, "block_size", m.block_size))
                     m.block_size = int(block_size)
             if samples is not None:
-                engine = _MaskEngine(samples, seed, masks, mask_norm)
+                engine = _MaskEngine(samples, seed, masks, mask_norm, cache)
                 if masks == "per_image":
                     _ENGINES.setdefault(id(model), []).append(engine)
                 for ordinal, (name, m) in enumerate(layers):

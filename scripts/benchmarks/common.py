@@ -15,7 +15,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ("row", "inputs", "larex_s", "reference_s", "ratio", "goal", "met", "max_abs_err", "note")
-GROUPS = ("entropy", "estimators", "scoring", "baselines", "mc", "detection", "memory", "stages")  # each a module benchmarks.<group>
+GROUPS = ("entropy", "estimators", "scoring", "baselines", "mc", "detection", "detector", "memory", "stages")  # each a module benchmarks.<group>
 DEFAULT_GROUPS = GROUPS  # plain `make bench`: every group, the demo's stages last
 FAST_S = 1.0  # calls faster than this are repeated (median of REPEATS) after the warm-up
 REPEATS = 3

@@ -80,6 +80,7 @@ class MonteCarlo(Producer):
         self.share_prefix = share_prefix
         self._prefix_ok: bool | None = None  # None: not tried yet
         self._checked_variation = False
+        self._mask_cache: dict = {}  # shared masks drawn once for this producer (mc_mode cache=)
 
     @classmethod
     def from_plan(cls, keys, requests, context):
@@ -111,7 +112,7 @@ class MonteCarlo(Producer):
         layer = resolve_module(model, self.hooked_layer)
         with torch.inference_mode(), \
                 mc_mode(model, self.drop_prob, self.block_size, samples=s, seed=self.seed, masks=self.masks,
-                        mask_norm=self.mask_norm) as layers:
+                        mask_norm=self.mask_norm, cache=self._mask_cache) as layers:
             active = any(float(getattr(m, "drop_prob", getattr(m, "p", 0.0))) > 0 for _, m in layers)
             latents, logits = [], []
             if self.share_prefix and self._prefix_ok is not False:
