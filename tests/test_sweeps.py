@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 import pandas as pd
 from omegaconf import OmegaConf
 
@@ -73,3 +75,61 @@ def test_postprocessor_only_sweep_extracts_once(tmp_path):
         assert set(part_dirs(next(layer.glob("extract-*")) / split)) == {"mc", "labels"}
     assert len(list(layer.glob("evaluate-*"))) == 2
     assert len(list(layer.glob("aggregate-*"))) == 1
+
+
+def test_optuna_sweep_returns_the_validation_objective_and_finds_its_best(tmp_path):
+    """hydra/sweeper=optuna (in-memory storage): 4 trials over LaRED's bandwidth and PCA size; each job returns the
+    mean AUROC of ID val vs the validation OOD set (val_metrics.csv), never a test figure; one extraction."""
+    out = tmp_path / "outputs"
+    p = cli("larex-run", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=1",
+            "hydra.sweeper.direction=maximize", "hydra.sweeper.sampler.seed=0",
+            "postprocessor.lared.bandwidth=choice(0.5,2.0)", "postprocessor.lared.pca=choice(4,8)",
+            "evaluate.val_ood=[digits_holdout_val]", "postprocessor=[lared]", *_tiny(out), cwd=tmp_path)
+    layer = layer_dir(out, "digits")
+    values = {}
+    for e in layer.glob("evaluate-*"):
+        c = OmegaConf.load(e / "config.yaml").postprocessor.lared
+        val = pd.read_csv(e / "val_metrics.csv")
+        values[(float(c.bandwidth), int(c.pca))] = float(val[(val["ood"] == "mean")]["auroc"].iloc[0])
+        test = pd.read_csv(e / "metrics.csv")
+        assert set(test["ood"]) >= {"digits_holdout", "mean"}  # test sets are reported, not optimized
+    (result,) = list((out / "hydra" / "multirun").glob("*/optimization_results.yaml"))
+    best = OmegaConf.load(result)
+    assert best.best_value == pytest.approx(max(values.values()), abs=1e-4)  # optuna rounds the printed value
+    key = (float(best.best_params["postprocessor.lared.bandwidth"]), int(best.best_params["postprocessor.lared.pca"]))
+    assert values[key] == max(values.values())
+    assert len(list(layer.glob("extract-*"))) == 1 and len(_extraction_lines(p.stdout)) == len(SPLITS) + 1
+    # without a validation OOD set the objective cannot be computed from ID val alone: one error, before compute
+    bad = cli("larex-run", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", "postprocessor=[lared]",
+              *_tiny(tmp_path / "bad"), cwd=tmp_path, check=False)
+    assert bad.returncode == 1 and "set evaluate.val_ood" in bad.stderr
+    assert not (tmp_path / "bad" / "classification").exists()
+
+
+def test_submitit_local_sweep_shares_one_extraction_and_nests_its_runs(tmp_path):
+    """hydra/launcher=submitit_local (the Slurm launcher's local executor): two jobs of a postprocessor sweep run
+    as separate processes, one extraction serves both, and MLflow has one parent run with a nested run per job."""
+    from larex.tracking import list_runs
+
+    out = tmp_path / "outputs"
+    p = cli("larex-run", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15", "threads=1",
+            "postprocessor=lared,larem", *_tiny(out), cwd=tmp_path)
+    layer = layer_dir(out, "digits")
+    assert len(list(layer.glob("extract-*"))) == 1 and len(list(layer.glob("evaluate-*"))) == 2
+    (sweep,) = list((out / "hydra" / "multirun").iterdir())
+    logs = "".join(f.read_text() for f in sweep.rglob("*_log.out"))
+    assert sorted(_extraction_lines(logs)) == sorted(SPLITS)  # each split extracted once, by one of the jobs
+    parent = io.read_json(sweep / "mlflow_parent.json")["run_id"]
+    runs = list_runs(f"sqlite:///{out}/mlflow.db", "larex")
+    nested = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent]
+    assert len(nested) == 2 and {r["tags"]["larex.job"] for r in nested} == {"0", "1"}
+    assert p.returncode == 0
+
+
+def test_slurm_launcher_config_sets_partition_gpus_time_array_and_memory(tmp_path):
+    p = cli("larex-run", "--cfg", "hydra", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+            "hydra.launcher.gpus_per_node=2", "hydra.launcher.array_parallelism=4", cwd=tmp_path)
+    launcher = OmegaConf.create(p.stdout).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.array_parallelism) == ("gpu", 2, 4)
+    assert launcher.timeout_min == 240 and launcher.mem_gb == 32

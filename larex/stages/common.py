@@ -103,6 +103,17 @@ def sweep_info() -> dict[str, str] | None:
             "overrides": " ".join(hc.overrides.task)}
 
 
+def optimizing() -> bool:
+    """True inside a job of a Hydra sweeper that optimizes the app's return value (Optuna)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        target = str(HydraConfig.get().sweeper.get("_target_", ""))
+    except (ImportError, ValueError):
+        return False
+    return "optuna" in target.lower()
+
+
 def overrides() -> str:
     """The command-line overrides of this Hydra job (``""`` when not launched by Hydra), for the output index."""
     try:

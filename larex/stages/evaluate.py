@@ -35,6 +35,8 @@ def check_requirements(cfg: DictConfig, run: common.Run | None = None) -> common
     run = run or common.prepare(cfg)
     if not run.methods:
         raise common.ConfigError("no method selected: set postprocessor=[lared,larem] and/or baselines=[...]")
+    if common.optimizing():
+        check_objective(cfg, run)
     selected = set(run.bases.values())
     unknown = [m for m in detector_methods(cfg, run) if m not in selected]
     if unknown:
@@ -43,11 +45,33 @@ def check_requirements(cfg: DictConfig, run: common.Run | None = None) -> common
     return run
 
 
+OBJECTIVES = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_ood", "val_accuracy")
+
+
 def detector_methods(cfg: DictConfig, run: common.Run) -> list[str]:
     """The selected methods to save as deployable detectors (``save_detector=[lared,vim]``; ``all``: every one)."""
     node = cfg.get("save_detector") or []
     names = [str(node)] if isinstance(node, str) else [str(m) for m in node]
     return list(dict.fromkeys(run.bases.values())) if "all" in names else names
+
+
+def check_objective(cfg: DictConfig, run: common.Run) -> None:
+    """An Optuna sweep's objective can be computed from this config (before any compute)."""
+    spec = cfg.evaluate.get("objective") or {}
+    metric = spec.get("metric")
+    if metric is None:
+        raise common.ConfigError("a sweeper needs a number: set evaluate.objective.metric (e.g. auroc with "
+                                 "evaluate.val_ood=[<validation OOD set>])")
+    if metric not in OBJECTIVES:
+        raise common.ConfigError(f"evaluate.objective.metric={metric!r} is unknown; use one of {list(OBJECTIVES)}")
+    method = spec.get("method")
+    if method is not None and method not in run.methods:
+        raise common.ConfigError(f"evaluate.objective.method={method!r} is not evaluated here; methods: "
+                                 f"{list(run.methods)}")
+    if metric != "val_accuracy" and not common.val_ood_names(cfg):
+        raise common.ConfigError(f"evaluate.objective.metric={metric} compares ID val with validation OOD sets: set "
+                                 "evaluate.val_ood=[...] (configs/ood, disjoint from the reported sets), or use "
+                                 "evaluate.objective.metric=val_accuracy; test and OOD test sets are never an objective")
 
 
 def score(cfg: DictConfig, run: common.Run, methods: dict | None = None, store: FeatureStore | None = None):
@@ -86,6 +110,42 @@ def run(cfg: DictConfig, run: common.Run | None = None) -> pd.DataFrame:
             run.layout.record("evaluate", out, h, _index_info(cfg, run))
             return df
         return _evaluate(cfg, run, out, h)
+
+
+def objective(cfg: DictConfig, run: common.Run, required: bool = False) -> float | None:
+    """The sweep objective (``evaluate.objective``) of this evaluation, from ID ``val`` only: a metric of ID val vs
+    the validation OOD sets (``val_metrics.csv``, mean over ``evaluate.val_ood``) for one method (default: the
+    first selected), or the ID-val accuracy. None when it cannot be computed and ``required`` is false (a plain
+    run); with ``required`` (an Optuna sweep) that is a configuration error naming the fix (:func:`check_objective`)."""
+    if required:
+        check_objective(cfg, run)
+    spec = cfg.evaluate.get("objective") or {}
+    metric = spec.get("metric")
+    if metric is None or metric not in OBJECTIVES:
+        return None
+    if metric == "val_accuracy":
+        return _val_accuracy(run, required)
+    method = spec.get("method") or next(iter(run.methods))
+    table = run.layout.evaluate_dir / "val_metrics.csv"
+    if method not in run.methods or not table.is_file():
+        return None
+    df = pd.read_csv(table)
+    row = df[(df["method"] == method) & (df["ood"] == "mean")]
+    return float(row[metric].iloc[0])
+
+
+def _val_accuracy(run: common.Run, required: bool) -> float | None:
+    store = feature_store(run)
+    keys = run.task.summary_requires
+    if not keys or set(keys) - store.available("val"):
+        if required:
+            raise common.ConfigError(f"evaluate.objective.metric=val_accuracy needs {list(keys)} on ID val "
+                                     f"(task {run.task.name!r}); choose a validation OOD metric instead")
+        return None
+    value = run.task.summary_metrics(store.get("val", keys)).get("accuracy")
+    if value is None and required:
+        raise common.ConfigError(f"task {run.task.name!r} reports no accuracy; choose a validation OOD metric")
+    return value
 
 
 def _index_info(cfg: DictConfig, run: common.Run) -> dict:

@@ -11,8 +11,8 @@ from rich.table import Table
 from larex.stages import aggregate, common, evaluate, extract, train
 
 
-def run(cfg: DictConfig) -> pd.DataFrame:
-    ctx = evaluate.check_requirements(cfg)  # config errors before any compute
+def run(cfg: DictConfig, ctx: common.Run | None = None) -> pd.DataFrame:
+    ctx = evaluate.check_requirements(cfg, ctx)  # config errors before any compute
     extract.check_layers(cfg, ctx)
     timings: dict[str, float] = {}
     result = None
