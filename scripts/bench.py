@@ -23,7 +23,8 @@ Every row is measured in this run; speed rows time larex and its reference on th
 * ``detector/*``  per-batch scoring latency of a saved LaRED / LaREM detector (``larex.Detector``, S=16) vs plain
   deterministic inference of the same model on the same batch, batch 1 and 64 (goal <= 1.5x).
 * ``memory/*``    peak RSS of the extraction stage (``Trainer.predict`` streaming to safetensors shards)
-  at N and 10N images, each in a fresh process: the goal is <20% growth.
+  at N and 10N images, each in a fresh process: the goal is <20% growth; and ``memory/extract_disk``: bytes
+  per image of the stored S=16 latents vs the entropy computed during extraction (``extract.keep_latent=false``).
 * ``stages/*``    (last; about 3 minutes of the run on 2 cores) per-stage wall time of
   ``larex-run experiment=fmnist_demo`` (tiny overrides with --quick), read from its "stage times" table;
   needs Debian's Fashion-MNIST in /usr/share/datasets/fashion-mnist (a row says so when it is missing).
@@ -123,7 +124,7 @@ def to_markdown(rows: list[Row], info: dict[str, str], argv: list[str], wall: fl
         f"- load average at start (1/5/15 min): {info['load_avg_start']}",
         f"- command: `{' '.join(['scripts/bench.py', *argv])}`; total wall time {wall:.0f} s",
         "- ratio = reference_s / larex_s (except `entropy/scaling`: t(4N)/t(N); `memory/extract`: peak RSS "
-        "at 10N / at N); times in seconds, "
+        "at 10N / at N; `memory/extract_disk`: bytes per image, latents / entropy); times in seconds, "
         "warm-up once, median of a few repeats for calls under 1 s",
         "",
         "| " + " | ".join(COLUMNS) + " |",

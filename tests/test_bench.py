@@ -200,21 +200,39 @@ def test_memory_row_from_child_figures(bench, monkeypatch):
 
     monkeypatch.setattr(memory, "run_memory_child", child)
     ctx = common.Ctx(device=torch.device("cpu"), sizes=common.QUICK, quick=True, log=lambda m: None)
-    (row,) = memory.memory_rows(ctx)
+    (row,) = memory.rss_rows(ctx)
     assert calls == [(160, 40), (1600, 40)]
     assert (row.row, row.larex_s, row.reference_s) == ("memory/extract", 5.9, 0.7)
     assert row.ratio == pytest.approx(1.25) and row.met is False  # growth 25% >= 20%
     assert "peak RSS (VmHWM) 1000.0 MiB at 1x, 1250.0 MiB at 10x" in row.note
     assert "peak RSS 1000 MiB vs 1250 MiB" in row.inputs
     figures[1600] = {**figures[1600], "peak_mib": 1100.0}
-    assert memory.memory_rows(ctx)[0].met is True
+    assert memory.rss_rows(ctx)[0].met is True
 
     def fails(n, batch, timeout):
         raise RuntimeError("memory child (N=160) exited with 1: boom")
 
     monkeypatch.setattr(memory, "run_memory_child", fails)
-    (row,) = memory.memory_rows(ctx)
+    (row,) = memory.rss_rows(ctx)
     assert row.note.startswith("error: RuntimeError: memory child (N=160)") and math.isnan(row.ratio)
+
+
+def test_disk_row_compares_bytes_per_image_and_entropies(bench):
+    """memory/extract_disk: the S=16 latents on disk vs the entropy computed during extraction (32 images)."""
+    import dataclasses
+
+    import torch
+
+    from benchmarks import common, memory
+
+    ctx = common.Ctx(device=torch.device("cpu"), sizes=dataclasses.replace(common.QUICK, mem_images=32, mem_batch=16),
+                     quick=True, log=lambda m: None)
+    row = memory.disk_row(ctx)
+    assert row.row == "memory/extract_disk" and row.max_abs_err == 0.0, row.note
+    # 16 float32 samples of D dims vs D float64 entropies: 8x, less the two files' headers
+    assert 7.6 <= row.ratio <= 8.0 and row.met is True
+    per_image = [float(v) for v in re.findall(r"([0-9]+) B \(", row.note)]
+    assert per_image[0] / per_image[1] == pytest.approx(row.ratio, rel=1e-3)  # the note rounds to bytes
 
 
 def test_parse_stage_times_reads_rich_tables(bench):

@@ -33,7 +33,9 @@ class Estimator(ABC):
 
     def __call__(self, arrays: Mapping[str, np.ndarray], device: str | torch.device = "cpu") -> np.ndarray:
         lat = arrays[self.inputs[0]]
-        x = torch.from_numpy(np.ascontiguousarray(lat)).to(device=torch.device(device), dtype=torch.float64)
+        if not isinstance(lat, torch.Tensor):  # a tensor (extraction, on its device) is taken as it is
+            lat = torch.from_numpy(np.ascontiguousarray(lat))
+        x = lat.to(device=torch.device(device), dtype=torch.float64)
         if x.ndim != 3:
             raise ValueError(f"{type(self).__name__} needs MC latents [N, S, D]; got shape {tuple(x.shape)}")
         return self.compute(x).cpu().numpy()

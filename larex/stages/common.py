@@ -369,8 +369,11 @@ class Run:
         return io.config_hash({"aggregate": self.layout.aggregate_hash, "split": self.split_hash(split)})
 
     def derived_needed(self) -> list[str]:
+        """Stage-written keys the methods read that the aggregate stage computes (not those the extraction
+        stored itself, ``extract.keep_latent=false``)."""
         derived = self.task.derived_keys()
-        return [k for k in dict.fromkeys(k for pp in self.methods.values() for k in method_keys(pp)) if k in derived]
+        return [k for k in dict.fromkeys(k for pp in self.methods.values() for k in method_keys(pp))
+                if k in derived and k not in self.plan.parts]
 
     def method_hash(self, name: str) -> str:
         """What a method's scores depend on: its config and every input it reads, for every split."""
@@ -378,7 +381,8 @@ class Run:
         keys = sorted(method_keys(pp))
         derived = self.task.derived_keys()
         steps = self.step_hashes or {}
-        inputs = {k: (steps.get(k, self.layout.aggregate_hash) if k in derived else self.plan.parts.get(k))
+        inputs = {k: (steps.get(k, self.layout.aggregate_hash) if k in derived and k not in self.plan.parts
+                      else self.plan.parts.get(k))
                   for k in keys}  # a method on latent_mean keeps its scores when only the entropy estimator changes
         return io.config_hash({"method": plain(self.specs[name]), "extract": self.layout.extract_hash,
                                "inputs": inputs, "splits": {s: self.split_hash(s) for s in self.splits}})
@@ -413,10 +417,14 @@ def prepare(cfg: DictConfig) -> Run:
     except (KeyError, ValueError) as err:
         raise ConfigError(str(err)) from err
     task.check_keys(list(plan.parts))
+    if not cfg.extract.get("keep_latent", True):
+        plan = _aggregate_in_extraction(cfg, task, plan, requests)
     splits = all_splits(cfg)
     ex_hash = extract_hash(cfg, task)
-    latent_parts = sorted({plan.parts[i] for k in derived if k in requests for i in derived[k] if i in plan.parts})
-    steps = [s for s in task.aggregation_steps(aggregate_params(cfg)) if s.output in requests]
+    latent_parts = sorted({plan.parts[i] for k in derived if k in requests and k not in plan.parts
+                           for i in derived[k] if i in plan.parts})
+    steps = [s for s in task.aggregation_steps(aggregate_params(cfg)) if s.output in requests
+             and s.output not in plan.parts]  # stored by the extraction (extract.keep_latent=false): no step
     agg_hash = io.config_hash({"extract": ex_hash, "inputs": latent_parts, "steps": [dict(s.identity) for s in steps]})
     step_hashes = {s.output: io.config_hash({"extract": ex_hash, "inputs": sorted({plan.parts[i] for i in s.inputs}),
                                              "step": dict(s.identity)}) for s in steps}
@@ -430,6 +438,23 @@ def prepare(cfg: DictConfig) -> Run:
     run.layout = Layout(output_root(cfg), str(cfg.task.name), str(cfg.dataset.name), str(cfg.model.name),
                         str(cfg.hooked_layer.name), train_hash(cfg), ex_hash, agg_hash, eval_hash, dict(plan.parts))
     return run
+
+
+def _aggregate_in_extraction(cfg: DictConfig, task, plan, requests):
+    """``extract.keep_latent=false``: the aggregation steps the methods read run inside the extraction, on its
+    device; the parts store their outputs (``entropy`` [N, D]) and not the MC samples, unless a method reads them."""
+    from larex.extraction.producers.aggregating import aggregate_in_extraction
+
+    params = {**aggregate_params(cfg), "device": str(resolve_device(str(cfg.device)))}
+    steps = [s for s in task.aggregation_steps(params) if s.output in requests]
+    if not steps:
+        log("extract", "extract.keep_latent=false: no selected method reads an aggregated feature; the MC samples "
+                       "are stored as usual")
+        return plan
+    try:
+        return aggregate_in_extraction(plan, steps, keep=list(requests))
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"extract.keep_latent=false: {err}") from err
 
 
 def part_problem(directory: Path) -> str:

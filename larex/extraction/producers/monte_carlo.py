@@ -81,6 +81,7 @@ class MonteCarlo(Producer):
         self._prefix_ok: bool | None = None  # None: not tried yet
         self._checked_variation = False
         self._mask_cache: dict = {}  # shared masks drawn once for this producer (mc_mode cache=)
+        self.keep_on_device = False  # True: arrays stay on the model's device (aggregated there, Aggregating)
 
     @classmethod
     def from_plan(cls, keys, requests, context):
@@ -138,10 +139,10 @@ class MonteCarlo(Producer):
         if want_latent:
             latent = torch.cat(latents).reshape(n, s, -1)
             self._warn_if_constant(latent, active)
-            res["latent"] = latent.cpu()
+            res["latent"] = latent
         if want_logits:
-            res["mc_logits"] = torch.cat(logits).reshape(n, s, -1).cpu()
-        return res
+            res["mc_logits"] = torch.cat(logits).reshape(n, s, -1)
+        return res if self.keep_on_device else {k: v.cpu() for k, v in res.items()}
 
     def _forward(self, model: nn.Module, xi: torch.Tensor, layer: nn.Module, mc_layers: list[nn.Module],
                  latents: list, logits: list, want_latent: bool, want_logits: bool, expand_at_mc_layer: bool,
