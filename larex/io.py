@@ -341,10 +341,15 @@ class ShardWriter:
     are deleted and become missing. Otherwise (or with a changed hash / shard size) the folder starts over.
     The manifest is rewritten after every shard (``complete: false``) and with ``complete: true`` by
     :meth:`close`.
+
+    Distributed extraction (several processes writing whole shards of one folder): the coordinating rank opens
+    the folder as above; every other rank opens it with ``manifest=False`` -- it touches no existing file and
+    writes no manifest, only its shard files -- and hands its :attr:`written` entries to the coordinator, which
+    verifies and records them with :meth:`add_written`, then :meth:`close`\ s the folder.
     """
 
     def __init__(self, directory: str | Path, cfg_hash: str, shard_size: int = 4096,
-                 total: int | None = None, resume: bool = True):
+                 total: int | None = None, resume: bool = True, manifest: bool = True):
         if shard_size < 1:
             raise ValueError("shard_size must be >= 1")
         if total is not None and total < 0:
@@ -356,8 +361,11 @@ class ShardWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._entries: dict[int, dict] = {}  # shard index -> manifest entry
         self.keys: dict[str, dict] = {}  # key -> {"dtype", "shape": [None, *trailing], "axis"}
+        self.manifest = bool(manifest)
         m = read_manifest(self.directory)
-        if resume and m and m.get("config_hash") == cfg_hash and m.get("shard_size") == self.shard_size:
+        if not self.manifest:
+            pass  # a non-coordinating rank: the coordinator owns the folder's files and manifest
+        elif resume and m and m.get("config_hash") == cfg_hash and m.get("shard_size") == self.shard_size:
             if self.total is None and m.get("complete"):
                 self.total = int(m.get("rows", 0))
             self._adopt(m)
@@ -435,6 +443,31 @@ class ShardWriter:
         """Indices of the shards still to write (with ``total`` unknown: only the gaps before the last one)."""
         n = self.n_shards if self.n_shards is not None else (max(self._entries, default=-1) + 1)
         return [i for i in range(n) if i not in self._entries]
+
+    @property
+    def written(self) -> dict[str, Any]:
+        """What this writer holds, for :meth:`add_written` in another process: shard entries and key schema."""
+        return {"entries": {i: dict(e) for i, e in self._entries.items()}, "keys": {k: dict(v) for k, v in self.keys.items()}}
+
+    def add_written(self, written: Mapping[str, Any]) -> None:
+        """Record shards another process wrote into this folder (its :attr:`written`): each file is checked
+        against its entry (rows, size, sha256) first; one that does not verify is an error naming it."""
+        entries = {}
+        for i, e in written["entries"].items():
+            i = int(i)
+            if i in self._entries:
+                raise RuntimeError(f"{self.directory}: shard {i} was written by two processes")
+            entry = self._verified(self.directory / e["file"], e, i, self.n_shards)
+            if entry is None:
+                raise RuntimeError(f"{self.directory}: shard {i} ({e['file']}) written by another rank does not "
+                                   "match its record (missing, other size or sha256); rerun the extraction")
+            entries[i] = entry
+        self._entries.update(entries)  # all or nothing
+        if not self.keys:
+            self.keys = {k: dict(v) for k, v in written["keys"].items()}
+        elif written["keys"] and {k: v["dtype"] for k, v in written["keys"].items()} != \
+                {k: v["dtype"] for k, v in self.keys.items()}:
+            raise RuntimeError(f"{self.directory}: another rank wrote keys {written['keys']}, this one {self.keys}")
 
     @property
     def shards(self) -> list[dict]:
@@ -609,6 +642,8 @@ class ShardWriter:
         self._write_manifest(complete=False)
 
     def _write_manifest(self, complete: bool, extra: Mapping[str, Any] | None = None) -> None:
+        if not self.manifest:
+            return
         shards = self.shards
         totals = {features.PRIMARY_AXIS: sum(e["rows"] for e in shards)}
         for v in self.keys.values():

@@ -72,3 +72,26 @@ def test_roi_means_on_cuda_equal_cpu():
         for a, b in zip(cpu, gpu):
             assert b.device.type == "cuda"
             torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_extraction_on_cuda_equals_the_single_process_run(tmp_path, monkeypatch):
+    """extract.strategy=ddp on every visible GPU (NCCL; a world of one on a one-GPU machine) writes the same shards
+    as the plain one-process CUDA extraction of the same trained model."""
+    import shutil
+
+    from _cli import cli, layer_dir, tiny
+    from test_distributed_extraction import _shards
+
+    monkeypatch.setenv("LAREX_TEST_ALLOW_LOOPBACK", "1")  # the ranks meet on a loopback TCP store
+    one, many = tmp_path / "one", tmp_path / "many"
+    args = [*tiny(one, "digits", s=4), "limit.fit=200", "limit.ood=64", "tracking.enabled=false", "device=cuda"]
+    cli("larex-run", *args, "evaluate.plots=false", cwd=tmp_path)
+    (checkpoint,) = (one / "classification" / "digits" / "small_cnn").glob("checkpoint-*")
+    shutil.copytree(checkpoint, many / "classification" / "digits" / "small_cnn" / checkpoint.name)
+    n = torch.cuda.device_count()
+    p = cli("larex-extract", *[a.replace(str(one), str(many)) for a in args], f"extract.devices={min(n, 2)}",
+            "extract.strategy=ddp", cwd=tmp_path)
+    assert p.returncode == 0
+    (a,) = layer_dir(one, "digits").glob("extract-*")
+    (b,) = layer_dir(many, "digits").glob("extract-*")
+    assert _shards(b) == _shards(a)

@@ -101,7 +101,9 @@ class FeatureExtractor(pl.LightningModule):
             p.setup(model)
         self.head = head
         self.keys = tuple(k for p in self.producers for k in p.keys)
-        self.select = None  # optional: batch index tensor -> the producers to run on that batch
+        self.select = None  # optional: (batch index tensor, batch_idx) -> the producers to run on that batch
+        # a rank may have no shard left to write (a resume with fewer shards than ranks): it predicts nothing
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
 
     @staticmethod
@@ -116,7 +118,7 @@ class FeatureExtractor(pl.LightningModule):
         return x, (y if isinstance(y, (list, tuple, dict)) else torch.as_tensor(y)), index  # detection: targets
 
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        producers = self.producers if self.select is None else self.select(self._unpack(batch)[2])
+        producers = self.producers if self.select is None else self.select(self._unpack(batch)[2], batch_idx)
         return self.run_producers(batch, producers)
 
     def run_producers(self, batch: Any, producers: Sequence[Producer]) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import os
 import random
 from pathlib import Path
 from collections.abc import Mapping
@@ -25,11 +26,22 @@ from larex import io
 console = Console(stderr=False, highlight=False)
 
 
+def worker_rank() -> int:
+    """0 for the first (or only) process of a distributed extraction, > 0 for the ranks Lightning or the cluster
+    started beside it (from ``RANK`` / ``SLURM_PROCID`` / ``LOCAL_RANK`` and ``NODE_RANK``, as Lightning reads them)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    local = os.environ.get("LOCAL_RANK", "")
+    return int(local) + int(os.environ.get("NODE_RANK", "0") or 0) if local.isdigit() else 0
+
+
 def log(stage: str, message: str) -> None:
-    """One progress line of a stage, e.g. ``[extract] fit: 10000 images``."""
+    """One progress line of a stage, e.g. ``[extract] fit: 10000 images`` (rank 0 only)."""
     from rich.markup import escape
 
-    console.print(f"\\[{stage}] {escape(message)}")
+    if worker_rank() == 0:
+        console.print(f"\\[{stage}] {escape(message)}")
 
 
 ID_SPLITS = ("fit", "val", "test")
@@ -47,6 +59,7 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*custom batch sampler.*")  # the extraction's whole-shard batches
 
 
 def seed_everything(seed: int) -> None:
