@@ -1,7 +1,9 @@
 """MLflow tracking — the only module of larex that imports mlflow.
 
 Default store: a SQLite file under the output root (no server needed); ``tracking.uri=http://host:5000``
-points at a server. An unreachable server fails fast with one clear error, before any compute.
+points at a server (which then keeps the artifacts too). An unreachable server fails fast with one clear error,
+before any compute; one that stops answering mid-run becomes one :class:`TrackingUnavailableError` after a few
+retries (:meth:`Tracker.failures`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,12 @@ def metric_key(name: str) -> str:
 
 
 class TrackingUnavailableError(RuntimeError):
-    """The MLflow tracking server cannot be reached."""
+    """The MLflow tracking server cannot be reached (before the run, or it stopped answering during it)."""
+
+
+def is_remote(uri: str) -> bool:
+    """A tracking server (``http(s)://``), as opposed to a local store (SQLite file, folder)."""
+    return uri.startswith(("http://", "https://"))
 
 
 def default_uri(output_root: str | Path) -> str:
@@ -59,28 +66,59 @@ def _store_lock(uri: str) -> Iterator[None]:
 class Tracker:
     """A thin wrapper over one MLflow run: params, metrics, artifacts."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None):
+    def __init__(self, uri: str, experiment: str, artifact_root: str | Path | None = None,
+                 http_retries: int = 3, http_timeout: float = 60):
+        """``artifact_root``: where a local store's new experiment keeps artifacts (a server uses its own
+        artifact root). ``http_retries`` / ``http_timeout``: a server's request retries and timeout (seconds); the
+        environment's ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``..._TIMEOUT`` win when set."""
         import mlflow
 
         for name in ("mlflow", "alembic"):  # no database-migration chatter on the console
             logging.getLogger(name).setLevel(logging.WARNING)
         self._mlflow = mlflow
         self.uri = uri
-        if uri.startswith(("http://", "https://")):
-            _check_reachable(uri)
+        self.remote = is_remote(uri)
+        if self.remote:
+            # MLflow's defaults (7 retries, backoff x2) wait minutes on a dead server before failing
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(http_retries)))
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(http_timeout)))
+            check_reachable(uri)
         mlflow.set_tracking_uri(uri)
         # parallel sweep jobs must not create / migrate one SQLite store at once (alembic races), nor create
         # the experiment twice: the first job does it under a lock beside the database file
-        with _store_lock(uri):
+        with _store_lock(uri), self.failures():
             client = mlflow.MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
-                location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-                exp_id = client.create_experiment(experiment, artifact_location=location)
+                location = Path(artifact_root).resolve().as_uri() if artifact_root and not self.remote else None
+                try:
+                    exp_id = client.create_experiment(experiment, artifact_location=location)
+                except mlflow.exceptions.MlflowException:  # another job of a sweep created it just now
+                    exp = client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
             else:
                 exp_id = exp.experiment_id
         self.experiment_id = exp_id
         self.run_id: str | None = None
+
+    @contextmanager
+    def failures(self) -> Iterator[None]:
+        """A server that stops answering (connection refused, timeout, 5xx after the retries) becomes one
+        :class:`TrackingUnavailableError`; a local store's errors pass unchanged."""
+        if not self.remote:
+            yield
+            return
+        try:
+            yield
+        except TrackingUnavailableError:
+            raise
+        except Exception as err:  # MlflowException, requests' ConnectionError / Timeout, OSError
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {self.uri} stopped answering ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:300] if str(err) else ''})") from err
 
     @contextmanager
     def start_run(self, run_name: str | None = None, tags: Mapping[str, str] | None = None,
@@ -89,16 +127,36 @@ class Tracker:
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        with self._mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags) as run:
-            self.run_id = run.info.run_id
+        with self.failures():
+            run = self._mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+        with self._ending():
             yield self
 
     @contextmanager
     def resume_run(self, run_id: str) -> Iterator["Tracker"]:
         """Reopen an earlier run of this store (to add artifacts to it)."""
-        with self._mlflow.start_run(run_id=run_id):
-            self.run_id = run_id
+        with self.failures():
+            self._mlflow.start_run(run_id=run_id)
+        self.run_id = run_id
+        with self._ending():
             yield self
+
+    @contextmanager
+    def _ending(self) -> Iterator[None]:
+        """End the active run FINISHED, or FAILED when the body raised; a dead server while ending a failed
+        run does not hide the body's error."""
+        try:
+            with self.failures():
+                yield
+        except BaseException:
+            try:
+                self._mlflow.end_run("FAILED")
+            except Exception:  # noqa: BLE001 - the server is gone; the run stays RUNNING there
+                pass
+            raise
+        with self.failures():
+            self._mlflow.end_run()
 
     def sweep_parent(self, sweep_dir: str | Path, name: str) -> str:
         """The parent run of a Hydra multirun sweep, created once by whichever job gets there first.
@@ -119,8 +177,9 @@ class Tracker:
                 if data.get("tracking_uri") == self.uri:
                     return data["run_id"]
             client = self._mlflow.MlflowClient(self.uri)
-            run = client.create_run(self.experiment_id, run_name=name, tags={"larex.sweep_dir": str(sweep_dir)})
-            client.set_terminated(run.info.run_id)
+            with self.failures():
+                run = client.create_run(self.experiment_id, run_name=name, tags={"larex.sweep_dir": str(sweep_dir)})
+                client.set_terminated(run.info.run_id)
             tmp = record.with_suffix(".tmp")
             tmp.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": self.uri}))
             os.replace(tmp, record)
@@ -212,7 +271,8 @@ def _detector_model_class(base):
     return DetectorModel
 
 
-def _check_reachable(uri: str) -> None:
+def check_reachable(uri: str) -> None:
+    """Raise :class:`TrackingUnavailableError` naming the fixes unless the server at ``uri`` answers."""
     import urllib.error
     import urllib.request
 

@@ -102,7 +102,8 @@ def plain(node: Any) -> Any:
 
 
 def sweep_info() -> dict[str, str] | None:
-    """Sweep directory, job number and overrides when running as one job of a Hydra multirun, else None."""
+    """Sweep directory, job number, the job's own folder and overrides when running as one job of a Hydra
+    multirun, else None."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -113,7 +114,7 @@ def sweep_info() -> dict[str, str] | None:
     if hc.mode != RunMode.MULTIRUN:
         return None
     return {"dir": str(Path(hc.sweep.dir).resolve()), "job": str(hc.job.num),
-            "overrides": " ".join(hc.overrides.task)}
+            "job_dir": str(Path(hc.runtime.output_dir).resolve()), "overrides": " ".join(hc.overrides.task)}
 
 
 def optimizing() -> bool:

@@ -23,6 +23,7 @@ from larex.reporting.figures import evaluation_plots
 from larex.reporting.tables import metrics_table, print_results, results_markdown, validation_table
 from larex.scoring import score_methods
 from larex.stages import common
+from larex.tracking import TrackingUnavailableError, check_reachable, is_remote
 
 
 def feature_store(run: common.Run) -> FeatureStore:
@@ -31,8 +32,11 @@ def feature_store(run: common.Run) -> FeatureStore:
 
 
 def check_requirements(cfg: DictConfig, run: common.Run | None = None) -> common.Run:
-    """Every selected method's features can be planned (config errors before any compute)."""
+    """Every selected method's features can be planned, and a tracking server answers (config errors before any
+    compute)."""
     run = run or common.prepare(cfg)
+    if cfg.tracking.enabled and cfg.tracking.uri and is_remote(str(cfg.tracking.uri)):
+        check_reachable(str(cfg.tracking.uri))
     if not run.methods:
         raise common.ConfigError("no method selected: set postprocessor=[lared,larem] and/or baselines=[...]")
     if common.optimizing():
@@ -94,7 +98,8 @@ def run(cfg: DictConfig, run: common.Run | None = None) -> pd.DataFrame:
     state = out / "evaluate.json"
     with claim(out, "larex-evaluate"):
         if not cfg.force and state.is_file() and (out / "metrics.csv").is_file() \
-                and io.read_json(state).get("config_hash") == h:
+                and io.read_json(state).get("config_hash") == h \
+                and not (cfg.tracking.enabled and io.read_json(state).get("tracking_pending")):
             df = pd.read_csv(out / "metrics.csv")
             common.log("evaluate", f"up to date: {out / 'metrics.csv'}")
             print_results(common.console, df, title(cfg))
@@ -108,8 +113,23 @@ def run(cfg: DictConfig, run: common.Run | None = None) -> pd.DataFrame:
                         info = _log_detectors(cfg, tracker, saved, info)
                     io.write_json(state, info)
             run.layout.record("evaluate", out, h, _index_info(cfg, run))
+            _point_sweep_job(out, h)
             return df
-        return _evaluate(cfg, run, out, h)
+        table = _evaluate(cfg, run, out, h)
+        _point_sweep_job(out, h)
+        return table
+
+
+JOB_POINTER = "larex_evaluate.json"
+
+
+def _point_sweep_job(out: Path, h: str) -> None:
+    """In a job of a Hydra multirun, ``<job folder>/larex_evaluate.json`` names the evaluation the job produced (or
+    found up to date), so a sweep folder leads to every job's metrics (``larex-report``)."""
+    sweep = common.sweep_info()
+    if sweep:
+        io.write_json(Path(sweep["job_dir"]) / JOB_POINTER, {"evaluate_dir": str(out), "config_hash": h,
+                                                              "job": sweep["job"], "overrides": sweep["overrides"]})
 
 
 def objective(cfg: DictConfig, run: common.Run, required: bool = False) -> float | None:
@@ -181,24 +201,15 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
     saved = _save_detectors(cfg, run, store, all_scores, out)
     info = {"config_hash": h}
     if tracker is not None:
-        sweep = common.sweep_info()
-        parent = tracker.sweep_parent(sweep["dir"], f"sweep {Path(sweep['dir']).name}") if sweep else None
-        tags = {"larex.stage": "evaluate", "larex.run_dir": str(out)}
-        if sweep:
-            tags.update({"larex.sweep_dir": sweep["dir"], "larex.job": sweep["job"], "larex.overrides": sweep["overrides"]})
-        with tracker.start_run(run_name=cfg.tracking.run_name or f"{cfg.dataset.name}-{cfg.model.name}-"
-                               f"{cfg.hooked_layer.name}", tags=tags, parent_run_id=parent):
-            tracker.log_params(common.plain(cfg))
-            tracker.log_metrics(flat)
-            tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
-            for p in (out / "metrics.csv", out / "metrics.parquet", out / "results.md", out / "val_metrics.csv"):
-                if p.is_file():
-                    tracker.log_artifact(p)
-            for p in pngs:
-                tracker.log_artifact(p, "plots")
-            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            info.update({"mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri})
-            info = _log_detectors(cfg, tracker, saved, info)
+        try:
+            info = _log_run(cfg, tracker, out, flat, timings, pngs, saved, info)
+        except TrackingUnavailableError as err:  # every output is on disk: keep it, and say how to log it later
+            io.write_json(out / "evaluate.json", {**info, "tracking_pending": str(err)})
+            run.layout.record("evaluate", out, h, _index_info(cfg, run))
+            raise TrackingUnavailableError(
+                f"{err}. The evaluation itself is complete: {out}. Run the same command again when the server "
+                "answers to log it (nothing is recomputed), or add tracking.enabled=false to leave it unlogged"
+            ) from err
     io.write_json(out / "evaluate.json", info)
     run.layout.record("evaluate", out, h, _index_info(cfg, run))
 
@@ -214,11 +225,37 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
 DETECTOR_DIR = "detector"
 
 
+def _log_run(cfg: DictConfig, tracker, out: Path, flat: dict, timings: dict, pngs: list[Path],
+             saved: dict[str, Path], info: dict) -> dict:
+    """One MLflow run of this evaluation (nested under the sweep's parent run in a multirun): the config as
+    params, every metric, the tables, plots, config and the saved detectors; returns ``info`` with the run id."""
+    sweep = common.sweep_info()
+    parent = tracker.sweep_parent(sweep["dir"], f"sweep {Path(sweep['dir']).name}") if sweep else None
+    tags = {"larex.stage": "evaluate", "larex.run_dir": str(out)}
+    if sweep:
+        tags.update({"larex.sweep_dir": sweep["dir"], "larex.job": sweep["job"], "larex.overrides": sweep["overrides"]})
+    with tracker.start_run(run_name=cfg.tracking.run_name or f"{cfg.dataset.name}-{cfg.model.name}-"
+                           f"{cfg.hooked_layer.name}", tags=tags, parent_run_id=parent):
+        tracker.log_params(common.plain(cfg))
+        tracker.log_metrics(flat)
+        tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
+        for p in (out / "metrics.csv", out / "metrics.parquet", out / "results.md", out / "val_metrics.csv"):
+            if p.is_file():
+                tracker.log_artifact(p)
+        for p in pngs:
+            tracker.log_artifact(p, "plots")
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        info = {**info, "mlflow_run_id": tracker.run_id, "tracking_uri": tracker.uri}
+        return _log_detectors(cfg, tracker, saved, info)
+
+
 def _tracker(cfg: DictConfig):
     from larex.tracking import Tracker, default_uri
 
     uri = cfg.tracking.uri or default_uri(common.output_root(cfg))
-    return Tracker(uri, str(cfg.tracking.experiment), artifact_root=common.output_root(cfg) / "mlartifacts")
+    return Tracker(uri, str(cfg.tracking.experiment), artifact_root=common.output_root(cfg) / "mlartifacts",
+                   http_retries=int(cfg.tracking.get("http_retries", 3)),
+                   http_timeout=float(cfg.tracking.get("http_timeout", 60)))
 
 
 def _log_detectors(cfg: DictConfig, tracker, saved: dict[str, Path], info: dict) -> dict:
