@@ -48,13 +48,17 @@ def check_overrides(drop_prob: float | None, block_size: int | None) -> None:
 
 
 @contextmanager
-def _restore_modes(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
+def _restore_modes(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
+    """Every module's training flag as on entry when the context exits (``modules``: ``list(model.modules())``
+    when the caller has it). Only changed flags are written: ``nn.Module.__setattr__`` is slow enough to matter
+    when a saved detector scores one image at a time."""
+    flags = [(m, m.training) for m in (model.modules() if modules is None else modules)]
     try:
         yield
     finally:
         for m, flag in flags:
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
 
 
 @contextmanager
@@ -477,7 +481,8 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
     engine = None
     saved: list[tuple[nn.Module, str, object]] = []
     patched: list[tuple[nn.Module, bool, object]] = []
-    with _restore_modes(model):
+    modules = list(model.modules())
+    with _restore_modes(model, modules):
         try:
             for _, m in layers:
                 is_db = isinstance(m, _DROPBLOCK_TYPES)
@@ -496,7 +501,8 @@ def mc_mode(model: nn.Module, drop_prob: float | None = None, block_size: int | 
                     had = "forward" in m.__dict__
                     patched.append((m, had, m.__dict__.get("forward")))
                     m.forward = engine.forward_for(name, m, ordinal)
-            model.eval()
+            if any(m.training for m in modules):  # model.eval() walks and writes every module: only when needed
+                model.eval()
             for _, m in layers:
                 m.train()
             yield layers
