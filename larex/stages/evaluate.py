@@ -20,6 +20,7 @@ from larex.detector import SPEC_FILE
 from larex.featurestore import FeatureStore
 from larex.layout import claim
 from larex.reporting.figures import evaluation_plots
+from larex.reporting.sweep import JOB_POINTER
 from larex.reporting.tables import metrics_table, print_results, results_markdown, validation_table
 from larex.scoring import score_methods
 from larex.stages import common
@@ -118,9 +119,6 @@ def run(cfg: DictConfig, run: common.Run | None = None) -> pd.DataFrame:
         table = _evaluate(cfg, run, out, h)
         _point_sweep_job(out, h)
         return table
-
-
-JOB_POINTER = "larex_evaluate.json"
 
 
 def _point_sweep_job(out: Path, h: str) -> None:
