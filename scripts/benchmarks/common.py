@@ -142,3 +142,20 @@ def median_time(fn: Callable[[], Any], warmup: Callable[[], Any] | None, repeats
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def alternating(ctx: Ctx, reference, larex, repeats: int = 7):
+    """Median seconds of ``reference`` and of ``larex`` over ``repeats`` alternating calls after one warm-up of
+    each (alternating, so load changes on the machine hit both alike), and larex's last result."""
+    reference(), larex()
+    t_ref, t_larex, out = [], [], None
+    for _ in range(1 if ctx.quick else repeats):
+        t0 = time.perf_counter()
+        reference()
+        ctx.sync()
+        t_ref.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out = larex()
+        ctx.sync()
+        t_larex.append(time.perf_counter() - t0)
+    return statistics.median(t_ref), statistics.median(t_larex), out

@@ -7,12 +7,10 @@ the RoI work. Box rows time the two calls alternately (median of 7 each)."""
 from __future__ import annotations
 
 import importlib
-import statistics
-import time
 
 import torch
 
-from benchmarks.common import MC_SAMPLES, Ctx, Row, error_row
+from benchmarks.common import MC_SAMPLES, Ctx, Row, alternating, error_row
 
 BOX_GOAL = 1.3
 MC_ERR_TOL = 1e-5
@@ -31,23 +29,6 @@ def _cases():
 
     return [("yolov8n", yolo, "model.model.9", 160, 8),
             ("faster_rcnn_mobilenet", rcnn_mobilenet, "model.backbone.body.16", 320, 4)]
-
-
-def _alternating(ctx: Ctx, reference, larex, repeats: int = 7):
-    """Median seconds of ``reference`` and of ``larex`` over ``repeats`` alternating calls after one warm-up of
-    each (alternating, so load changes on the machine hit both alike), and larex's last result."""
-    reference(), larex()
-    t_ref, t_larex, out = [], [], None
-    for _ in range(1 if ctx.quick else repeats):
-        t0 = time.perf_counter()
-        reference()
-        ctx.sync()
-        t_ref.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        out = larex()
-        ctx.sync()
-        t_larex.append(time.perf_counter() - t0)
-    return statistics.median(t_ref), statistics.median(t_larex), out
 
 
 def detection_rows(ctx: Ctx) -> list[Row]:
@@ -69,7 +50,7 @@ def detection_rows(ctx: Ctx) -> list[Row]:
                           mc_samples=s)
             boxes.setup(model)
             ctx.log(f"detection {name}: plain detect vs box-level LaREx")
-            t_plain, t_box, out = _alternating(ctx, lambda: model.detect(x, conf=0.0, iou=0.7, max_det=100),
+            t_plain, t_box, out = alternating(ctx, lambda: model.detect(x, conf=0.0, iou=0.7, max_det=100),
                                                lambda: boxes.produce(model, x, y, index))
             m = len(out["image_index"])
             rows.append(Row(f"detection/{name}/boxes", inputs.replace("100 boxes/image", f"{m} boxes"), t_box,

@@ -1,6 +1,7 @@
 """``detector/*`` rows: per-batch scoring latency of a saved LaRED and LaREM detector (``larex.Detector``: the
 task's collate, S=16 MC samples of the hooked DropBlock output with the shared prefix, the entropy, PCA and the
-density) vs plain deterministic inference of the same model on the same batch, batch 1 and 64.
+density) vs plain deterministic inference of the same model on the same batch, batch 1 and 64, timed
+alternately (median of 101 each: load changes hit both sides alike).
 
 The default classifier (SmallCNN, 28x28, hooked at ``dropblock``) is trained for one epoch on the bundled digits
 and saved through ``larex-run save_detector=[lared,larem]`` (in this process, under a temp folder); both sides
@@ -14,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import MC_SAMPLES, Ctx, Row, error_row
+from benchmarks.common import MC_SAMPLES, Ctx, Row, alternating, error_row
 
 BATCHES = (1, 64)
 GOAL = 1.5
-REPEATS = 15  # calls of milliseconds: the median of many
+REPEATS = 101  # calls of milliseconds: the median of many, the two sides alternating
 
 
 def _saved_detectors(out: Path, device: str):
@@ -75,8 +76,7 @@ def detector_rows(ctx: Ctx) -> list[Row]:
                         with torch.no_grad():
                             return det.model(x)
 
-                    t_det, _ = ctx.time(lambda: det.score(prepared=items), sync=True, repeats=REPEATS)
-                    t_plain, _ = ctx.time(plain, sync=True, repeats=REPEATS)
+                    t_plain, t_det, _ = alternating(ctx, plain, lambda: det.score(prepared=items), REPEATS)
                     ratio = t_det / t_plain
                     rows.append(Row(name, inputs, t_det, t_plain, t_plain / t_det, f"<={GOAL}x plain",
                                     ratio <= GOAL, err,
