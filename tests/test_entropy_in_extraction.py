@@ -62,6 +62,7 @@ def test_aggregating_refuses_inputs_its_producer_does_not_write():
         Aggregating(MonteCarlo("block3", mc_samples=4, keys=("mc_logits",)), [estimator_step(KNNEntropy())])
 
 
+@pytest.mark.slow  # make test checks the same equality on the producer (above) without two larex-run processes
 def test_keep_latent_false_run_equals_the_two_stage_run(tmp_path):
     """larex-run twice on the same trained model: the default (latents on disk, then larex-aggregate) and
     extract.keep_latent=false. The entropies, and hence every metric, are identical; the parts hold no latents."""

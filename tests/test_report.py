@@ -466,6 +466,7 @@ def test_cli_error_is_one_line(tmp_path):
     assert sorted(tmp_path.iterdir()) == []  # no .hydra/ or log file where it was launched
 
 
+@pytest.mark.slow  # make test: test_sweeps.py reports its 2 x 2 sweep from the folder
 def test_report_of_a_real_sweep_from_its_folder_and_from_mlflow(tmp_path):
     out = tmp_path / "outputs"
     cli("larex-run", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *tiny(out, "digits", s=4),

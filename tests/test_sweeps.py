@@ -56,6 +56,21 @@ def test_joblib_sweep_keeps_every_job_and_a_rerun_recomputes_nothing(tmp_path):
     overrides = sorted(e["overrides"] for e in index if e["stage"] == "evaluate")
     assert len(overrides) == 4 and all("hooked_layer.mc_samples=" in o and "evaluate.tpr=" in o for o in overrides)
 
+    # larex-report of this sweep: 4 jobs x 2 methods x (3 OOD sets + mean), the two swept keys, each job's numbers
+    (sweep_dir,) = (out / "hydra" / "multirun").iterdir()
+    cli("larex-report", f"report.sweep={sweep_dir}", cwd=tmp_path)
+    report = pd.read_csv(sweep_dir / "report" / "report.csv")
+    assert list(report.columns[2:4]) == ["hooked_layer.mc_samples", "evaluate.tpr"] and len(report) == 4 * 2 * 4
+    for e in evaluations:
+        cfg = OmegaConf.load(e / "config.yaml")
+        mine = report[(report["hooked_layer.mc_samples"] == cfg.hooked_layer.mc_samples)
+                      & (report["evaluate.tpr"] == cfg.evaluate.tpr)]
+        table = pd.read_csv(e / "metrics.csv")
+        cols = ["method", "ood", "auroc", "fpr95"]
+        pd.testing.assert_frame_equal(mine[cols].sort_values(cols[:2]).reset_index(drop=True),
+                                      table[cols].sort_values(cols[:2]).reset_index(drop=True))
+    assert (sweep_dir / "report" / "auroc.png").stat().st_size > 0
+
     before = _stamps(layer)
     again = cli("larex-run", *sweep, cwd=tmp_path)
     assert _extraction_lines(again.stdout) == []
@@ -63,6 +78,7 @@ def test_joblib_sweep_keeps_every_job_and_a_rerun_recomputes_nothing(tmp_path):
     assert _stamps(layer) == before  # nothing rewritten
 
 
+@pytest.mark.slow  # make test: the submitit_local sweep below asserts the one shared extraction of such a sweep
 def test_postprocessor_only_sweep_extracts_once(tmp_path):
     out = tmp_path / "outputs"
     p = cli("larex-run", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *_tiny(out),

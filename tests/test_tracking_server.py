@@ -159,9 +159,12 @@ def test_sweep_logs_parent_and_nested_runs_to_a_shared_server_and_survives_its_d
         table.loc[(table["method"] == "lared") & (table["ood"] == "mean"), "auroc"].iloc[0])
 
 
-def test_an_unreachable_server_is_refused_before_any_compute(tmp_path, monkeypatch, loopback):
-    monkeypatch.setenv("LAREX_TEST_ALLOW_LOOPBACK", "1")
+def test_an_unreachable_server_is_refused_before_any_compute(tmp_path, loopback):
+    from larex.stages import run as run_stage
+
     out = tmp_path / "outputs"
-    p = cli("larex-run", *_args(out), f"tracking.uri=http://127.0.0.1:{_free_port()}", cwd=tmp_path, check=False)
-    assert p.returncode == 1 and "is unreachable" in p.stderr and "tracking.enabled=false" in p.stderr
+    with initialize_config_module("larex.configs", version_base="1.3"):
+        cfg = compose("run", overrides=[*_args(out), f"tracking.uri=http://127.0.0.1:{_free_port()}"])
+    with pytest.raises(tracking.TrackingUnavailableError, match="is unreachable.*tracking.enabled=false"):
+        run_stage.run(cfg)
     assert not (out / "classification").exists()  # nothing trained or extracted
