@@ -105,3 +105,26 @@ def test_shard_writer_of_another_rank_hands_its_shards_to_the_coordinator(tmp_pa
     np.testing.assert_array_equal(io.read_features(d)["latent_mean"], x)
     with pytest.raises(RuntimeError, match="written by two processes"):
         lead.add_written(written)
+
+
+@pytest.mark.slow  # ultralytics on 2 ranks: about a minute
+def test_ddp_detection_extraction_equals_the_one_device_run(tmp_path, monkeypatch):
+    """The same over the detection task (YOLOv8n, box rows of a varying count per image): each rank's box shards
+    equal a one-device run's."""
+    from _detection import calibrated_weights
+
+    monkeypatch.setenv("LAREX_TEST_ALLOW_LOOPBACK", "1")
+    weights = calibrated_weights("yolov8n.yaml", tmp_path / "yolo.safetensors")
+    args = ["task=detection", "dataset=shapes", "progress=false", "limit.fit=32", "limit.val=16", "limit.test=16",
+            "limit.ood=16", "task.boxes.predict_conf=0.006", "task.boxes.max_det=10", "extract.batch_size=8",
+            "extract.shard_size=8", "hooked_layer.mc_samples=4", "model=yolov8", "hooked_layer=yolov8_sppf",
+            f"model.net.weights={weights}", "baselines=[msp]", "tracking.enabled=false", "device=cpu", "threads=1"]
+    runs = {}
+    for name, extra in (("one", []), ("two", ["extract.devices=2"])):
+        out = tmp_path / name
+        cli("larex-extract", *args, f"output_root={out}", *extra, cwd=tmp_path)
+        (ex,) = (out / "detection" / "shapes" / "yolov8" / "sppf").glob("extract-*")
+        runs[name] = (ex.name, _shards(ex))
+    assert runs["two"] == runs["one"]
+    boxes = {k: v for k, v in runs["two"][1].items() if "/boxes-" in k}
+    assert boxes and all(v[0] for v in boxes.values()) and any(len(v[2]) >= 2 for v in boxes.values())
