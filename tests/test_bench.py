@@ -263,8 +263,17 @@ def test_parse_stage_times_reads_rich_tables(bench):
 def test_quick_bench_memory(tmp_path):
     """The memory group as `make bench` runs it: two fresh `bench.py --memory-child` processes."""
     rows = _run_bench(tmp_path, "--rows", "memory", timeout=600)
-    assert set(rows) == {"memory/extract"}
+    assert set(rows) == {"memory/extract", "memory/extract_disk"}
     _no_failed(rows)
+    disk = rows["memory/extract_disk"]  # bytes per image with the latents vs with the entropy only
+    sizes = re.search(r"bytes per image on disk: (\d+) B \(latent \[N, (\d+), (\d+)\] float32\) vs (\d+) B "
+                      r"\(entropy \[N, (\d+)\] float64", disk["note"])
+    assert sizes, disk["note"]
+    latent_b, s, d, entropy_b, d2 = map(int, sizes.groups())
+    assert d2 == d  # measured file bytes per image: the arrays' bytes plus a few of the files' headers
+    assert math.isclose(latent_b, s * d * 4, rel_tol=0.05) and math.isclose(entropy_b, d * 8, rel_tol=0.05)
+    assert math.isclose(_positive(disk["ratio"]), latent_b / entropy_b, rel_tol=0.05)
+    assert float(disk["max_abs_err"]) == 0.0  # the entropies of the two paths are identical
     mem = rows["memory/extract"]
     peaks = re.search(r"peak RSS \(VmHWM\) ([0-9.]+) MiB at 1x, ([0-9.]+) MiB at 10x", mem["note"])
     assert peaks, mem["note"]
