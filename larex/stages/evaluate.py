@@ -98,9 +98,9 @@ def run(cfg: DictConfig, run: common.Run | None = None) -> pd.DataFrame:
     h = run.layout.evaluate_hash
     state = out / "evaluate.json"
     with claim(out, "larex-evaluate"):
-        if not cfg.force and state.is_file() and (out / "metrics.csv").is_file() \
-                and io.read_json(state).get("config_hash") == h \
-                and not (cfg.tracking.enabled and io.read_json(state).get("tracking_pending")):
+        known = io.read_json(state) if state.is_file() else {}
+        if not cfg.force and (out / "metrics.csv").is_file() and known.get("config_hash") == h \
+                and not (cfg.tracking.enabled and known.get("tracking_pending")):
             df = pd.read_csv(out / "metrics.csv")
             common.log("evaluate", f"up to date: {out / 'metrics.csv'}")
             print_results(common.console, df, title(cfg))
@@ -198,18 +198,18 @@ def _evaluate(cfg: DictConfig, run: common.Run, out: Path, h: str) -> pd.DataFra
 
     saved = _save_detectors(cfg, run, store, all_scores, out)
     info = {"config_hash": h}
+    lost = None
     if tracker is not None:
         try:
             info = _log_run(cfg, tracker, out, flat, timings, pngs, saved, info)
-        except TrackingUnavailableError as err:  # every output is on disk: keep it, and say how to log it later
-            io.write_json(out / "evaluate.json", {**info, "tracking_pending": str(err)})
-            run.layout.record("evaluate", out, h, _index_info(cfg, run))
-            raise TrackingUnavailableError(
-                f"{err}. The evaluation itself is complete: {out}. Run the same command again when the server "
-                "answers to log it (nothing is recomputed), or add tracking.enabled=false to leave it unlogged"
-            ) from err
+        except TrackingUnavailableError as err:  # every output is on disk: keep it, marked unlogged
+            lost, info = err, {**info, "tracking_pending": str(err)}
     io.write_json(out / "evaluate.json", info)
     run.layout.record("evaluate", out, h, _index_info(cfg, run))
+    if lost is not None:
+        raise TrackingUnavailableError(
+            f"{lost}. The evaluation itself is complete: {out}. Run the same command again when the server "
+            "answers to log it (nothing is recomputed), or add tracking.enabled=false to leave it unlogged") from lost
 
     print_results(common.console, table, title(cfg))
     for k, v in summary.items():

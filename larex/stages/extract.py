@@ -140,12 +140,10 @@ def run(cfg: DictConfig, run: common.Run | None = None, splits: list[str] | None
 
 
 def _writers(cfg, run, split, ds, producers, coordinator: bool) -> dict:
-    out = {}
-    for p in producers:
-        w = io.ShardWriter(run.layout.part_dir(split, p.part), run.part_hash(split, p.part),
-                           shard_size=shard_size(cfg), total=len(ds), resume=not cfg.force, manifest=coordinator)
-        out[p] = w
-    return out
+    """producer -> the ShardWriter of its part of ``split`` (``coordinator``: this rank owns the manifests)."""
+    return {p: io.ShardWriter(run.layout.part_dir(split, p.part), run.part_hash(split, p.part),
+                              shard_size=shard_size(cfg), total=len(ds), resume=not cfg.force, manifest=coordinator)
+            for p in producers}
 
 
 def _work(cfg, run, todo: dict, datasets: dict, row_producers: list) -> tuple[dict, dict]:

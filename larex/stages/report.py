@@ -78,8 +78,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     common.log("report", f"{table['run'].nunique()} evaluation(s) from {label}; swept: "
                          f"{', '.join(params) if params else 'nothing'}")
     written = []
-    if r.get("plot", True):
-        sweep.plot_params(table)  # 1 or 2 swept parameters, else one clear error before anything is written
+    if r.get("plot", True):  # first: a figure of 0 or > 2 swept parameters is an error before anything is written
         written.append(sweep.sweep_figure(table, out / f"{metric}.png", metric, method, ood))
     io.write_text(out / "report.csv", table.to_csv(index=False))
     io.write_text(out / "report.md", sweep.report_markdown(table, pivot, metric, ood, label))
